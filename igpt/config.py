@@ -1,0 +1,149 @@
+"""Model configuration: transformers' ImageGPTConfig field names plus what JAX training needs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+
+NUM_CLUSTERS = 512  # colour clusters of the released models; vocab_size = NUM_CLUSTERS + 1 (SOS)
+
+# name -> (n_embd, n_layer, n_head, n_positions). S/M/L are the released openai/imagegpt-* models;
+# XL was never released (its head count is not published: 24 heads keeps head_dim = 128).
+# The tiny research sizes are for CPU work and tests.
+_PRESETS = {
+    "s": (512, 24, 8, 1024),
+    "m": (1024, 36, 8, 1024),
+    "l": (1536, 48, 16, 1024),
+    "xl": (3072, 60, 24, 4096),
+    "tiny": (128, 4, 4, 256),
+    "mini": (256, 8, 8, 1024),
+    "cifar-small": (256, 12, 8, 1024),
+}
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of an ImageGPT model.
+
+    Field names follow transformers' `ImageGPTConfig` so a config.json maps one to one.
+    """
+
+    vocab_size: int = NUM_CLUSTERS + 1  # colour clusters + 1 start-of-sequence token (the last id)
+    n_positions: int = 1024  # sequence length = image height * width
+    n_embd: int = 512  # model width d
+    n_layer: int = 24  # number of transformer blocks
+    n_head: int = 8  # attention heads; head_dim = n_embd // n_head
+    n_inner: int | None = None  # MLP width; None means 4 * n_embd
+    layer_norm_epsilon: float = 1e-5  # added to mean(x^2) inside the RMS norm
+    scale_attn_by_inverse_layer_idx: bool = False  # also divide scores by (layer index + 1)
+    reorder_and_upcast_attn: bool = False  # kept for transformers parity; scores are fp32 anyway
+    attn_pdrop: float = 0.0  # dropout on attention probabilities (the paper uses none)
+    resid_pdrop: float = 0.0  # dropout on each residual branch output
+    embd_pdrop: float = 0.0  # dropout on the input embeddings
+    use_bias: bool = False  # dense biases: False for models trained here, True for HF checkpoints
+    num_labels: int = 0  # classifier head size; 0 = no classifier head
+    dtype: str = "float32"  # compute dtype of matmuls and activations
+    param_dtype: str = "float32"  # storage dtype of parameters
+    remat: bool = False  # recompute each block's activations in the backward pass to save memory
+
+    def __post_init__(self):
+        problems = []
+        if self.n_embd % self.n_head:
+            problems.append(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if self.vocab_size < 2:
+            problems.append(f"vocab_size={self.vocab_size} must be >= 2 (clusters + SOS)")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in _DTYPES:
+                problems.append(f"{name}={getattr(self, name)!r} is not one of {sorted(_DTYPES)}")
+        for name in ("attn_pdrop", "resid_pdrop", "embd_pdrop"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                problems.append(f"{name}={getattr(self, name)} must be in [0, 1)")
+        if self.num_labels < 0:
+            problems.append(f"num_labels={self.num_labels} must be >= 0")
+        if problems:
+            raise ValueError("Invalid ModelConfig: " + "; ".join(problems))
+
+    @property
+    def num_clusters(self) -> int:
+        """Number of colour clusters (output logits); the SOS token is id `num_clusters`."""
+        return self.vocab_size - 1
+
+    @property
+    def sos_id(self) -> int:
+        """Id of the start-of-sequence token, the last row of the input embedding."""
+        return self.vocab_size - 1
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one attention head."""
+        return self.n_embd // self.n_head
+
+    @property
+    def mlp_dim(self) -> int:
+        """Hidden width of the MLP."""
+        return self.n_inner if self.n_inner is not None else 4 * self.n_embd
+
+    @property
+    def image_side(self) -> int:
+        """Side of the square image whose raster fills the context."""
+        side = math.isqrt(self.n_positions)
+        if side * side != self.n_positions:
+            raise ValueError(f"n_positions={self.n_positions} is not a square image size")
+        return side
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        """`dtype` as a jnp dtype."""
+        return _DTYPES[self.dtype]
+
+    @property
+    def storage_dtype(self) -> jnp.dtype:
+        """`param_dtype` as a jnp dtype."""
+        return _DTYPES[self.param_dtype]
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> ModelConfig:
+        """A named size: 's', 'm', 'l' (openai/imagegpt-*), 'xl', or 'tiny', 'mini', 'cifar-small'.
+
+        `overrides` replace any field, e.g. `ModelConfig.preset("s", use_bias=True)`.
+        """
+        key = name.lower()
+        if key not in _PRESETS:
+            raise ValueError(f"Unknown preset {name!r}; choose one of {sorted(_PRESETS)}")
+        n_embd, n_layer, n_head, n_positions = _PRESETS[key]
+        return cls(n_embd=n_embd, n_layer=n_layer, n_head=n_head, n_positions=n_positions).replace(
+            **overrides
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of all fields (JSON-serialisable)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, fields: dict[str, Any]) -> ModelConfig:
+        """Inverse of `to_dict`; an unknown field is an error naming it."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise ValueError(f"Unknown ModelConfig fields {unknown}; valid fields: {sorted(known)}")
+        return cls(**fields)
+
+    def save(self, path: str | Path) -> None:
+        """Write the config as JSON."""
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> ModelConfig:
+        """Read a config written by `save`."""
+        return cls.from_dict(json.loads(Path(path).read_text()))
