@@ -3,6 +3,7 @@
 from igpt.checkpoint import load_model, load_pretrained, save_model
 from igpt.config import ModelConfig
 from igpt.convert import CheckpointMismatchError, load_hf, save_hf
+from igpt.kmeans import fit_clusters, sample_pixels
 from igpt.model import (
     ImageGPT,
     ModelOutput,
@@ -11,19 +12,23 @@ from igpt.model import (
     init_params,
     param_shapes,
 )
+from igpt.tokenizer import ColorTokenizer
 
 __all__ = [
     "CheckpointMismatchError",
+    "ColorTokenizer",
     "ImageGPT",
     "ModelConfig",
     "ModelOutput",
     "count_params",
+    "fit_clusters",
     "init_cache",
     "init_params",
     "load_hf",
     "load_model",
     "load_pretrained",
     "param_shapes",
+    "sample_pixels",
     "save_hf",
     "save_model",
 ]

@@ -1,0 +1,192 @@
+"""grain pipelines from a data source to token batches.
+
+Batches are dicts of numpy arrays for ONE process (b = global batch / process count):
+
+    tokens  int32 (b, H*W)  colour-cluster ids in raster order, without the SOS token
+    label   int32 (b,)      class, -1 for unlabelled or padding examples
+    mask    bool  (b,)      False only for the padding that completes the last eval batches
+
+Training reads a globally shuffled, endlessly repeated stream (a new order each epoch) and
+gives process p the examples at stream positions p, p + P, p + 2P, ... (P processes). So the
+processes' batches k together are exactly the global batch k of a one-process run, whatever P,
+and augmentation, seeded by stream position, is the same too. Evaluation covers every example
+once across processes, with the same number of batches on each.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from functools import partial
+
+import grain
+import jax
+import numpy as np
+from absl import flags
+
+from igpt.data.augment import Augment
+from igpt.tokenizer import ColorTokenizer, as_size, resize, to_rgb
+
+
+def train_dataset(
+    source,
+    tokenizer: ColorTokenizer,
+    *,
+    global_batch_size: int,
+    seed: int = 0,
+    image_size: int | Sequence[int] | None = None,
+    augment: str | Augment = "none",
+    num_epochs: int | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    worker_count: int = 0,
+    read_threads: int = 2,
+    prefetch_batches: int = 4,
+) -> grain.IterDataset:
+    """The training batches of this process, as a grain `IterDataset`.
+
+    Args:
+      source: a data source (`len`, `source[i] -> {"image", "label"}`), see `open_source`.
+      tokenizer: maps the augmented images to ids.
+      global_batch_size: examples per step over all processes; must divide by process_count.
+      seed: seeds the shuffle (a different order each epoch) and the augmentation.
+      image_size: model resolution, int or (height, width); default `tokenizer.size`.
+      augment: an `Augment` or its spec ("none", "flip", "imagenet", "cifar", ...).
+      num_epochs: None repeats forever; otherwise the stream ends after that many epochs,
+        cut to whole global batches.
+      process_index, process_count: this process and the number of processes; default
+        `jax.process_index()` / `jax.process_count()`.
+      worker_count: grain worker processes (0 reads in this process, with threads).
+      read_threads, prefetch_batches: threads reading examples and batches read ahead.
+
+    Iterate with `iter(...)`; the iterator's `get_state()` is a JSON-serialisable dict, and
+    `set_state()` on a fresh iterator resumes exactly where it was taken.
+    """
+    size = as_size(tokenizer.size if image_size is None else image_size)
+    if isinstance(augment, str):
+        augment = Augment.parse(augment)
+    index, count, batch = _process_batch(global_batch_size, process_index, process_count)
+    if len(source) == 0:
+        raise ValueError("the training source is empty")
+    stream = (
+        grain.MapDataset.source(source)
+        .shuffle(seed=seed)
+        .repeat(num_epochs)
+        .random_map(partial(_augment_example, augment=augment, size=size), seed=seed)
+    )
+    if num_epochs is not None:
+        # Every process must run the same number of steps, so drop the last partial global
+        # batch before sharding.
+        whole = len(stream) // global_batch_size * global_batch_size
+        if whole == 0:
+            raise ValueError(
+                f"{num_epochs} epoch(s) of {len(source)} examples do not fill one global batch "
+                f"of {global_batch_size}"
+            )
+        stream = stream[:whole]
+    batches = (
+        stream[index::count]
+        .batch(batch, drop_remainder=True)
+        .map(partial(_tokenize_batch, tokenizer=tokenizer))
+    )
+    dataset = batches.to_iter_dataset(
+        grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch_batches)
+    )
+    if worker_count > 0:
+        # grain reads an absl flag when it starts workers, which fails in programs that never
+        # parse absl flags (argparse scripts, pytest); their defaults are what we want then.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    return dataset
+
+
+def make_train_iterator(source, tokenizer: ColorTokenizer, **kwargs) -> grain.DatasetIterator:
+    """`iter(train_dataset(source, tokenizer, **kwargs))`: next(it) is the next batch."""
+    return iter(train_dataset(source, tokenizer, **kwargs))
+
+
+def eval_dataset(
+    source,
+    tokenizer: ColorTokenizer,
+    *,
+    global_batch_size: int,
+    image_size: int | Sequence[int] | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> grain.MapDataset:
+    """This process's evaluation batches: every example once over all processes, in order.
+
+    Images are resized whole to the model resolution, as the transformers processor does.
+    Process p holds the examples p, p + P, p + 2P, ...; every process gets
+    `num_eval_batches(len(source), global_batch_size)` batches, the last ones completed with
+    padding (`mask` False, label -1). The result is a grain `MapDataset`: `len()` batches,
+    iterable any number of times (`for batch in ds`), or `ds.to_iter_dataset(...)`.
+    """
+    size = as_size(tokenizer.size if image_size is None else image_size)
+    index, count, batch = _process_batch(global_batch_size, process_index, process_count)
+    num_batches = num_eval_batches(len(source), global_batch_size)
+    shard = _PaddedShard(source, index, count, num_batches * batch)
+    return (
+        grain.MapDataset.source(shard)
+        .map(partial(_resize_example, size=size))
+        .batch(batch)
+        .map(partial(_tokenize_batch, tokenizer=tokenizer))
+    )
+
+
+def num_eval_batches(num_examples: int, global_batch_size: int) -> int:
+    """Batches each process runs to cover `num_examples` (at least one)."""
+    return max(1, math.ceil(num_examples / global_batch_size))
+
+
+def _process_batch(global_batch_size, process_index, process_count) -> tuple[int, int, int]:
+    index = jax.process_index() if process_index is None else process_index
+    count = jax.process_count() if process_count is None else process_count
+    if not 0 <= index < count:
+        raise ValueError(f"process_index must be in [0, {count}), got {index}")
+    if global_batch_size < 1 or global_batch_size % count:
+        raise ValueError(
+            f"global_batch_size {global_batch_size} must be a positive multiple of the "
+            f"process count {count}"
+        )
+    return index, count, global_batch_size // count
+
+
+class _PaddedShard:
+    """Slot j of process p is example j * P + p, or padding past the end of the source."""
+
+    def __init__(self, source, index: int, count: int, length: int):
+        self.source, self.index, self.count, self.length = source, index, count, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, slot: int) -> dict:
+        example = slot * self.count + self.index
+        if example < len(self.source):
+            record = self.source[example]
+            return {"image": record["image"], "label": record["label"], "mask": True}
+        return {"image": np.zeros((1, 1, 3), np.uint8), "label": -1, "mask": False}
+
+
+def _augment_example(record: dict, rng: np.random.Generator, *, augment, size) -> dict:
+    return {"image": augment(record["image"], size, rng), "label": np.int32(record["label"])}
+
+
+def _resize_example(record: dict, *, size) -> dict:
+    return {
+        "image": resize(to_rgb(record["image"]), size),
+        "label": np.int32(record["label"]),
+        "mask": np.bool_(record["mask"]),
+    }
+
+
+def _tokenize_batch(batch: dict, *, tokenizer: ColorTokenizer) -> dict:
+    images = batch["image"]  # (b, H, W, 3) uint8, already at the model resolution
+    mask = batch.get("mask")
+    return {
+        "tokens": tokenizer.encode_pixels(images).reshape(len(images), -1),
+        "label": batch["label"].astype(np.int32),
+        "mask": np.ones(len(images), bool) if mask is None else mask.astype(bool),
+    }
