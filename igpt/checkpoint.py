@@ -22,7 +22,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import linen as nn
 
+from igpt.checkpointing import is_workdir, load_workdir
 from igpt.config import ModelConfig
+from igpt.convert import load_hf
 from igpt.model import param_shapes
 
 CONFIG_FILE = "config.json"
@@ -104,10 +106,11 @@ def load_model(
 
 
 def load_pretrained(path: str | os.PathLike) -> tuple[ModelConfig, dict, np.ndarray | None]:
-    """`(config, params, clusters)` from an igpt model directory, a transformers checkpoint
-    directory or a hub id such as "openai/imagegpt-small"."""
+    """`(config, params, clusters)` from an igpt model directory, a training workdir (its
+    latest checkpoint), a transformers checkpoint directory or a hub id such as
+    "openai/imagegpt-small"."""
     if is_model_dir(path):
         return load_model(path)
-    from igpt.convert import load_hf
-
+    if is_workdir(path):
+        return load_workdir(path)
     return load_hf(path)

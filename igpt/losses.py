@@ -6,17 +6,20 @@ import jax
 import jax.numpy as jnp
 
 
-def next_token_nll(logits_BxTxV: jax.Array, input_ids_BxT: jax.Array) -> jax.Array:
-    """Per-token negative log-likelihood (nats) of each next pixel, shape (B, T-1).
+def model_inputs(tokens_BxT: jax.Array, sos_id: int) -> jax.Array:
+    """The ids the model reads to predict `tokens`: SOS, then every token but the last."""
+    sos = jnp.full((tokens_BxT.shape[0], 1), sos_id, tokens_BxT.dtype)
+    return jnp.concatenate([sos, tokens_BxT[:, :-1]], axis=1)
 
-    `input_ids` start with SOS, so position t predicts token t+1, as in transformers'
-    `labels=input_ids` loss. The last position predicts nothing and is dropped.
-    """
-    log_probs = jax.nn.log_softmax(logits_BxTxV[:, :-1].astype(jnp.float32), axis=-1)
-    targets = input_ids_BxT[:, 1:]
-    return -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+
+def token_nll(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> jax.Array:
+    """Negative log-likelihood in nats of each target under its logits, shape (B, T)."""
+    log_probs = jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32), axis=-1)
+    return -jnp.take_along_axis(log_probs, targets_BxT[..., None], axis=-1)[..., 0]
 
 
 def next_token_loss(logits_BxTxV: jax.Array, input_ids_BxT: jax.Array) -> jax.Array:
-    """Mean next-pixel cross-entropy in nats per token (transformers' causal LM loss)."""
-    return jnp.mean(next_token_nll(logits_BxTxV, input_ids_BxT))
+    """Mean next-pixel cross-entropy in nats per token over ids that start with SOS: position t
+    predicts token t+1 and the last position predicts nothing (transformers' causal LM loss
+    with `labels=input_ids`)."""
+    return jnp.mean(token_nll(logits_BxTxV[:, :-1], input_ids_BxT[:, 1:]))

@@ -1,0 +1,128 @@
+"""Training checkpoints: orbax CheckpointManager over a run's workdir.
+
+Each step directory holds four items: `params`, `train` (step, optimizer state, rng),
+`data` (the data iterator's state, so a resumed run reads exactly the batches an uninterrupted
+one would) and `model` (the ModelConfig, so the parameters load without the run config).
+orbax writes each step into a temporary directory and renames it when complete, so a process
+killed mid-save leaves the previous checkpoint as the latest restorable one.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import linen as nn
+
+from igpt.config import ModelConfig
+from igpt.model import param_shapes
+
+CHECKPOINTS_DIR = "checkpoints"
+PALETTE_FILE = "palette.npy"
+
+
+class Checkpointer:
+    """Saves and restores TrainStates and data iterator states under `workdir/checkpoints`."""
+
+    def __init__(self, workdir: str | os.PathLike, *, keep: int = 3):
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, cleanup_tmp_directories=True
+        )
+        self._manager = ocp.CheckpointManager(
+            Path(workdir).absolute() / CHECKPOINTS_DIR, options=options
+        )
+
+    def latest_step(self) -> int | None:
+        """The newest complete checkpoint's step, or None."""
+        return self._manager.latest_step()
+
+    def save(self, state, data_state: dict, model_config: ModelConfig) -> None:
+        """Start an asynchronous save of `state` at its step (returns once arrays are copied)."""
+        step = int(state.step)
+        train = {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardSave(state.params),
+                train=ocp.args.StandardSave(train),
+                data=ocp.args.JsonSave(data_state),
+                model=ocp.args.JsonSave(model_config.to_dict()),
+            ),
+            force=True,
+        )
+
+    def restore(self, step: int, abstract_state) -> tuple[object, dict]:
+        """`(state, data_state)` of checkpoint `step`, placed like `abstract_state`."""
+        train = {
+            "step": abstract_state.step,
+            "opt_state": abstract_state.opt_state,
+            "rng": abstract_state.rng,
+        }
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(abstract_state.params),
+                train=ocp.args.StandardRestore(train),
+                data=ocp.args.JsonRestore(),
+            ),
+        )
+        t = restored["train"]
+        state = abstract_state.replace(
+            step=t["step"], params=restored["params"], opt_state=t["opt_state"], rng=t["rng"]
+        )
+        return state, restored["data"]
+
+    def wait(self) -> None:
+        """Block until any save in flight is on disk."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Finish pending saves and release the manager."""
+        self._manager.close()
+
+
+def is_workdir(path: str | os.PathLike) -> bool:
+    """True if `path` is a training workdir with at least one checkpoint directory."""
+    return (Path(path) / CHECKPOINTS_DIR).is_dir()
+
+
+def _read_only_manager(workdir: Path) -> ocp.CheckpointManager:
+    # Read-only: never creates directories or cleans up a save another process has in flight.
+    return ocp.CheckpointManager(
+        workdir / CHECKPOINTS_DIR, options=ocp.CheckpointManagerOptions(read_only=True)
+    )
+
+
+def latest_step(workdir: str | os.PathLike) -> int | None:
+    """The newest complete checkpoint's step in a workdir (safe while a run is writing)."""
+    manager = _read_only_manager(Path(workdir).absolute())
+    step = manager.latest_step()
+    manager.close()
+    return step
+
+
+def load_workdir(
+    workdir: str | os.PathLike, step: int | None = None
+) -> tuple[ModelConfig, dict, np.ndarray | None]:
+    """`(config, params, palette)` from a training workdir's latest (or given) checkpoint."""
+    workdir = Path(workdir).absolute()
+    manager = _read_only_manager(workdir)
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"{workdir} has no complete checkpoint yet")
+    model = manager.restore(step, args=ocp.args.Composite(model=ocp.args.JsonRestore()))["model"]
+    config = ModelConfig.from_dict(model)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
+        nn.meta.unbox(param_shapes(config)),
+    )
+    params = manager.restore(
+        step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target))
+    )["params"]
+    manager.close()
+    palette_path = workdir / PALETTE_FILE
+    return config, params, np.load(palette_path) if palette_path.exists() else None
