@@ -11,6 +11,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from flax import linen as nn
 from flax import struct
@@ -209,17 +210,27 @@ def _metrics(sums: dict) -> dict:
 
 
 def make_eval_step(model_config: ModelConfig, mesh: Mesh) -> Callable[[dict, dict], dict]:
-    """`eval_step(params, batch) -> sums` of nll, tokens, examples (and classifier counts),
-    over the unmasked examples, to be added up over a whole split."""
+    """`eval_step(params, batch) -> sums` of nll, tokens, examples, colour counts (and
+    classifier counts) over the unmasked examples, to be added up over a whole split."""
     model = ImageGPT(model_config)
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def step(params, batch):
-        return _losses(params, batch, jax.random.key(0), model, True)
+        sums = _losses(params, batch, jax.random.key(0), model, True)
+        weight = jnp.broadcast_to(batch["mask"][:, None], batch["tokens"].shape)
+        counts = jnp.zeros(model_config.num_clusters).at[batch["tokens"]].add(weight)
+        return sums | {"colour_counts": counts}
 
     return jax.jit(step, out_shardings=replicated)
 
 
 def summarize_eval(total: dict) -> dict:
-    """Metrics (nats and bits per token, classifier loss/accuracy) from summed eval counts."""
-    return {k: float(v) for k, v in _metrics(total).items()}
+    """Metrics from summed eval counts: nats and bits per token, classifier loss/accuracy, and
+    two baselines in nats per token: `uniform` (log K) and `unigram`, the entropy of the split's
+    own colour frequencies (no model that ignores context can do better)."""
+    metrics = {k: float(v) for k, v in _metrics(total).items()}
+    counts = np.asarray(total["colour_counts"], np.float64)
+    freq = counts[counts > 0] / counts.sum()
+    metrics["unigram_baseline"] = float(-np.sum(freq * np.log(freq)))
+    metrics["uniform_baseline"] = float(np.log(len(counts)))
+    return metrics

@@ -62,7 +62,8 @@ def test_digits_pretraining_beats_the_unigram_baseline(tmp_path):
     config = _config(**{"num_steps": "150", "eval_every": "150", "batch_size": "32"})
     metrics = train(config, tmp_path)
 
-    # Unigram baseline: the entropy of the colour frequencies of the validation tokens.
+    # Unigram baseline computed here independently: the entropy of the validation tokens'
+    # colour frequencies.
     palette = np.load(tmp_path / "palette.npy")
     batches = eval_dataset(
         open_source(config.data.eval), ColorTokenizer(palette), global_batch_size=32,
@@ -71,6 +72,8 @@ def test_digits_pretraining_beats_the_unigram_baseline(tmp_path):
     tokens = np.concatenate([b["tokens"][b["mask"]].ravel() for b in batches])
     freq = np.bincount(tokens, minlength=len(palette)) / tokens.size
     unigram = -np.sum(freq[freq > 0] * np.log(freq[freq > 0]))
+    assert metrics["unigram_baseline"] == pytest.approx(unigram, rel=1e-5)
+    assert metrics["uniform_baseline"] == pytest.approx(np.log(16))
     assert metrics["loss"] < unigram - 0.1 < np.log(len(palette))
     assert (tmp_path / "metrics.jsonl").exists() and (tmp_path / "tensorboard").is_dir()
 
