@@ -25,5 +25,5 @@ def get_config(arg=None):
     config.log_every = 100
     config.eval_every = 500
     config.checkpoint_every = 500
-    config.sample.num_samples = 32
+    config.sample.num_samples = 36
     return config

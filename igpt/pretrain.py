@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 
 from igpt import data as data_lib
+from igpt import images, sampling
 from igpt.checkpoint import load_pretrained
 from igpt.checkpointing import PALETTE_FILE, Checkpointer
 from igpt.config import ModelConfig
@@ -160,6 +161,46 @@ def evaluate(eval_step, params, batches, mesh) -> dict:
     return summarize_eval(jax.device_get(total))
 
 
+def write_pictures(
+    workdir: Path, step: int, params, model_config: ModelConfig, config, tokenizer, eval_source
+) -> None:
+    """Sample grid and half-image completions of the first validation images, as PNGs under
+    `workdir/samples` (process 0 writes; every process samples so collectives stay in step)."""
+    if jax.process_count() > 1:  # the sampler runs on each process's local devices
+        from jax.experimental import multihost_utils
+
+        params = multihost_utils.process_allgather(params)
+    side = model_config.image_side
+    scale = images.auto_scale(side)
+    top_k = config.sample.top_k or None
+    sample_rng, complete_rng = jax.random.split(
+        jax.random.fold_in(jax.random.key(config.seed), step)
+    )
+    ids = sampling.sample(
+        model_config, params, sample_rng, num_samples=config.sample.num_samples,
+        temperature=config.sample.temperature, top_k=top_k,
+    )  # fmt: skip
+    pictures = {"samples": images.sample_sheet(tokenizer.decode(np.asarray(ids), side), scale)}
+    if eval_source is not None and len(eval_source):
+        count = min(4, len(eval_source))
+        originals = tokenizer.decode(
+            tokenizer.encode([eval_source[i]["image"] for i in range(count)], side), side
+        )
+        completions = sampling.complete(
+            model_config, params, complete_rng, tokenizer.encode(originals, side),
+            rows_kept=0.5, num_completions=config.sample.num_completions,
+            temperature=config.sample.temperature, top_k=top_k,
+        )  # fmt: skip
+        decoded = tokenizer.decode(np.asarray(completions).reshape(-1, side * side), side)
+        rows_kept = sampling.rows_to_prompt_len(model_config, 0.5) // side
+        pictures["completions"] = images.completion_sheet(
+            originals, decoded.reshape(count, -1, side, side, 3), rows_kept, scale
+        )
+    if jax.process_index() == 0:
+        for name, picture in pictures.items():
+            images.save_png(workdir / "samples" / f"{name}_{step:07d}.png", picture)
+
+
 def train(
     config: ml_collections.ConfigDict,
     workdir: str,
@@ -252,6 +293,9 @@ def train(
         )
         eval_metrics = evaluate(eval_step, state.params, batches, mesh)
         writer.write(int(state.step), "eval", eval_metrics)
+        write_pictures(
+            workdir, int(state.step), state.params, model_config, config, tokenizer, eval_source
+        )
         shown = ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items())
         print(f"eval at step {int(state.step)}: {shown}", flush=True)
         return bool(on_eval and on_eval(int(state.step), state, eval_metrics))
