@@ -12,6 +12,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 
 import igpt
 from igpt.checkpointing import latest_step, load_workdir
@@ -76,6 +77,10 @@ def test_digits_pretraining_beats_the_unigram_baseline(tmp_path):
     assert metrics["uniform_baseline"] == pytest.approx(np.log(16))
     assert metrics["loss"] < unigram - 0.1 < np.log(len(palette))
     assert (tmp_path / "metrics.jsonl").exists() and (tmp_path / "tensorboard").is_dir()
+    pictures = sorted((tmp_path / "samples").iterdir())
+    assert [p.name for p in pictures] == ["completions_0000150.png", "samples_0000150.png"]
+    with Image.open(pictures[0]) as completions:  # 4 images x (occluded, 4 samples, original)
+        assert completions.width > completions.height > 0
 
 
 def test_sigkill_then_restart_is_bit_identical_to_an_uninterrupted_run(tmp_path):
