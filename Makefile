@@ -1,5 +1,5 @@
 # Two entry points, each setting up its own virtual environment on first use:
-#   make demo   the main job on the embedded offline digits dataset
+#   make demo   the main job on the embedded offline digits dataset (writes runs/digits)
 #   make test   lint, format check and the test suite
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -14,9 +14,14 @@ $(VENV)/.test: $(VENV)/.run
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $@
 
+RUN := runs/digits
+
 .PHONY: demo test
+# Pretrain on the embedded digits (resumes if interrupted), sample, then probe every layer.
 demo: $(VENV)/.run
-	$(PY) scripts/demo.py
+	$(PY) scripts/train.py --config configs/digits.py --workdir $(RUN)
+	$(PY) scripts/sample.py --checkpoint $(RUN) --out $(RUN)/samples.png --num 36
+	$(PY) scripts/probe.py --config configs/probe.py --config.checkpoint=$(RUN) --workdir $(RUN)/probe
 
 test: $(VENV)/.test
 	$(VENV)/bin/ruff check .

@@ -88,7 +88,7 @@ def load_model(
     config = ModelConfig.load(directory / CONFIG_FILE)
     shapes = nn.meta.unbox(param_shapes(config))
     if shardings is None:
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         shardings = jax.tree.map(lambda _: device, shapes)
     target = jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings

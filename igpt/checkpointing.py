@@ -115,7 +115,7 @@ def load_workdir(
         raise FileNotFoundError(f"{workdir} has no complete checkpoint yet")
     model = manager.restore(step, args=ocp.args.Composite(model=ocp.args.JsonRestore()))["model"]
     config = ModelConfig.from_dict(model)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(
         lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
         nn.meta.unbox(param_shapes(config)),

@@ -93,10 +93,13 @@ def load_init_params(path: str, model_config: ModelConfig, shardings) -> dict:
     with the run's shardings. A classifier head the checkpoint lacks starts at zero; one the
     run does not use is dropped."""
     found, params, _ = load_pretrained(path)
+    # n_inner=None (transformers' configs) means 4 * n_embd; run configs store the width.
+    found = found.replace(n_inner=found.mlp_dim)
+    wanted = model_config.replace(n_inner=model_config.mlp_dim)
     diffs = [
-        f"{f}: checkpoint {getattr(found, f)!r}, config {getattr(model_config, f)!r}"
+        f"{f}: checkpoint {getattr(found, f)!r}, config {getattr(wanted, f)!r}"
         for f in _ARCHITECTURE_FIELDS
-        if getattr(found, f) != getattr(model_config, f)
+        if getattr(found, f) != getattr(wanted, f)
     ]
     if diffs:
         raise ValueError(
@@ -110,7 +113,8 @@ def load_init_params(path: str, model_config: ModelConfig, shardings) -> dict:
         if score is None or tuple(score["kernel"].shape) != shape:
             score = {"kernel": np.zeros(shape, model_config.storage_dtype)}
         params["score"] = score
-    return jax.device_put(params, shardings.params)
+    # Through the host: the loaded arrays sit on one local device, the mesh may span processes.
+    return jax.device_put(jax.device_get(params), shardings.params)
 
 
 class _Preemption:
@@ -169,7 +173,7 @@ def write_pictures(
     if jax.process_count() > 1:  # the sampler runs on each process's local devices
         from jax.experimental import multihost_utils
 
-        params = multihost_utils.process_allgather(params)
+        params = multihost_utils.process_allgather(params, tiled=True)
     side = model_config.image_side
     scale = images.auto_scale(side)
     top_k = config.sample.top_k or None
@@ -293,9 +297,10 @@ def train(
         )
         eval_metrics = evaluate(eval_step, state.params, batches, mesh)
         writer.write(int(state.step), "eval", eval_metrics)
-        write_pictures(
-            workdir, int(state.step), state.params, model_config, config, tokenizer, eval_source
-        )
+        if config.sample.num_samples:
+            write_pictures(
+                workdir, int(state.step), state.params, model_config, config, tokenizer, eval_source
+            )
         shown = ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items())
         print(f"eval at step {int(state.step)}: {shown}", flush=True)
         return bool(on_eval and on_eval(int(state.step), state, eval_metrics))

@@ -77,7 +77,7 @@ def pretrain_defaults() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3  # how many recent checkpoints to keep
 
     c.sample = ml_collections.ConfigDict()
-    c.sample.num_samples = 16  # images in each unconditional sample grid
+    c.sample.num_samples = 16  # images in each sample grid (0 = no pictures at evaluations)
     c.sample.num_completions = 4  # half-image completions per validation image (4 images)
     c.sample.temperature = 1.0  # sampling temperature
     c.sample.top_k = 0  # sample among the k most likely clusters (0 = all)

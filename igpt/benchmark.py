@@ -1,0 +1,382 @@
+"""Throughput benchmark: forward, train step, KV-cache sampling and tokenization, optionally side
+by side with transformers' PyTorch ImageGPT (`igpt.benchmark_hf`) in the same process.
+
+Every measurement reports tokens/s (images/s for tokenize) and, for the model modes, the
+achieved FLOP/s from `forward_flops` and its fraction of the matmul peak measured in this run.
+Compile or first-call time is reported apart from the steady state. When both implementations
+run, their timed calls alternate, so a change in machine load hits both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import functools
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from igpt.config import ModelConfig
+from igpt.losses import next_token_loss
+from igpt.model import ImageGPT, count_params, init_params, param_shapes
+from igpt.sampling import sample
+from igpt.tokenizer import ColorTokenizer
+
+LEARNING_RATE = 1e-4
+BETAS = (0.9, 0.95)  # the paper's Adam betas
+
+
+def forward_flops(config: ModelConfig, length: int) -> int:
+    """Matmul FLOPs (2 per multiply-add) of one forward pass over input positions 0..length-1,
+    one sequence, counting only what causal attention needs:
+
+        per position p, per layer:  qkv 2*d*3d + out-proj 2*d*d + MLP 2*(2*d*f)
+                                    + scores 2*d*(p+1) + values 2*d*(p+1)
+        per position, head:         2*d*V
+        total = T*(L*(8d^2 + 4df) + 2dV) + 4dL * T(T+1)/2
+
+    (d = n_embd, f = mlp_dim, L = n_layer, V = num_clusters, T = length). Embedding lookups,
+    norms and softmax are not matmuls and are left out. A train step is 3x this (the backward
+    pass costs two forwards). Sampling T tokens from SOS runs the model over T positions.
+    Neither implementation computes exactly this: both compute masked scores beyond it
+    (transformers the full T x T square, igpt blocks of 256 queries; igpt's sampler scores the
+    whole static cache); this count is the work that counts, the same for both.
+    """
+    d, f, n_layer = config.n_embd, config.mlp_dim, config.n_layer
+    t = length
+    dense = t * (n_layer * (8 * d * d + 4 * d * f) + 2 * d * config.num_clusters)
+    return dense + 4 * d * n_layer * t * (t + 1) // 2
+
+
+@dataclasses.dataclass
+class Case:
+    """One thing to time: `run()` does one blocking call of `work` units (tokens or images)
+    worth `flops` FLOPs."""
+
+    impl: str  # "igpt" or "transformers"
+    run: Callable[[], object]
+    work: int
+    flops: int = 0
+
+
+def measure_matmul_peak(n: int = 2048, repeats: int = 5) -> float:
+    """Best FLOP/s of a jitted float32 (n, n) @ (n, n) jnp.dot on the default device."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    dot = jax.jit(jnp.dot)
+    dot(a, b).block_until_ready()
+    best = min(_timed(lambda: dot(a, b).block_until_ready()) for _ in range(repeats))
+    return 2 * n**3 / best
+
+
+def measure_bandwidth(mbytes: int = 256, repeats: int = 5) -> float:
+    """Best bytes/s of a jitted sum over a float32 array of `mbytes` MiB (a read-only stream,
+    the roofline of batch-1 sampling, which reads every weight once per token)."""
+    x = jnp.ones((mbytes * 2**20 // 4,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    total(x).block_until_ready()
+    best = min(_timed(lambda: total(x).block_until_ready()) for _ in range(repeats))
+    return x.nbytes / best
+
+
+def _timed(fn) -> float:
+    tic = time.perf_counter()
+    fn()
+    return time.perf_counter() - tic
+
+
+def benchmark_params(config: ModelConfig, seed: int = 0) -> dict:
+    """igpt's initialisation with a random (not zero) logit head, so sampling sees a peaked,
+    non-uniform distribution as a trained model would."""
+    params = init_params(config, jax.random.key(seed))
+    head = params["lm_head"]["kernel"]
+    params["lm_head"]["kernel"] = jax.random.normal(jax.random.key(seed + 1), head.shape) * 0.5
+    return params
+
+
+def random_ids(config: ModelConfig, batch: int, seed: int = 0) -> np.ndarray:
+    """(batch, n_positions) ids starting with SOS, as a training batch."""
+    ids = np.random.default_rng(seed).integers(0, config.num_clusters, (batch, config.n_positions))
+    ids[:, 0] = config.sos_id
+    return ids.astype(np.int32)
+
+
+# ---------------------------------------------------------------------------------------------
+# igpt cases
+
+
+def igpt_forward(config: ModelConfig, params: dict, batch: int) -> Case:
+    """Jitted forward pass to logits over a full-length batch."""
+    model = ImageGPT(config)
+    ids = jnp.asarray(random_ids(config, batch))
+    forward = jax.jit(lambda p, x: model.apply({"params": p}, x).logits)
+    return Case(
+        "igpt",
+        lambda: forward(params, ids).block_until_ready(),
+        batch * config.n_positions,
+        batch * forward_flops(config, config.n_positions),
+    )
+
+
+def igpt_train(config: ModelConfig, params: dict, batch: int) -> Case:
+    """Loss, gradient and AdamW update in one jitted step whose state buffers are donated."""
+    model = ImageGPT(config)
+    optimizer = optax.adamw(LEARNING_RATE, b1=BETAS[0], b2=BETAS[1], weight_decay=0.0)
+    ids = jnp.asarray(random_ids(config, batch))
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def step(state, ids):
+        params, opt_state = state
+
+        def loss_fn(p):
+            return next_token_loss(model.apply({"params": p}, ids).logits, ids)
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), loss
+
+    own = jax.tree.map(jnp.copy, params)  # donated buffers must not be the caller's
+    state = [(own, optimizer.init(own))]
+
+    def run():
+        state[0], loss = step(state[0], ids)
+        return loss.block_until_ready()
+
+    flops = 3 * batch * forward_flops(config, config.n_positions)
+    return Case("igpt", run, batch * config.n_positions, flops)
+
+
+def igpt_sample(config: ModelConfig, params: dict, batch: int, tokens: int, top_k: int) -> Case:
+    """`igpt.sampling.sample` of `tokens` tokens from SOS, new key each call."""
+    calls = iter(range(1 << 30))
+
+    def run():
+        key = jax.random.key(next(calls))
+        return sample(
+            config, params, key, num_samples=batch, top_k=top_k, length=tokens
+        ).block_until_ready()
+
+    return Case("igpt", run, batch * tokens, batch * forward_flops(config, tokens))
+
+
+def igpt_tokenize(clusters: np.ndarray, images: np.ndarray) -> Case:
+    """`ColorTokenizer.encode` of a uint8 batch; building its colour table is warm-up."""
+    tokenizer = ColorTokenizer(clusters, size=images.shape[1:3])
+    return Case("igpt", lambda: tokenizer.encode(images), len(images))
+
+
+# ---------------------------------------------------------------------------------------------
+# Running and reporting
+
+
+def time_cases(cases: list[Case], repeats: int) -> list[dict]:
+    """Warm each case up once (timed apart), then time `repeats` calls of each, alternating
+    between cases. The steady-state figure is the fastest call: on a shared machine the others
+    include time taken by other processes (the median is recorded too)."""
+    warmup = [_timed(case.run) for case in cases]
+    times = [[] for _ in cases]
+    for _ in range(repeats):
+        for case, record in zip(cases, times, strict=True):
+            record.append(_timed(case.run))
+    results = []
+    for case, first, record in zip(cases, warmup, times, strict=True):
+        best = min(record)
+        results.append(
+            dict(
+                impl=case.impl,
+                warmup_s=_sig(first),
+                best_s=_sig(best),
+                median_s=_sig(statistics.median(record)),
+                per_s=_sig(case.work / best),
+                flops=case.flops or None,
+                flops_per_s=round(case.flops / best) if case.flops else None,
+                # Other processes on a small machine distort timings (torch's thread pool
+                # stalls when a core is taken); the load after each case shows it.
+                loadavg_1min=round(os.getloadavg()[0], 2),
+            )
+        )
+    return results
+
+
+def _sig(x: float) -> float:
+    """x to 6 significant digits (for the JSON records)."""
+    return float(f"{x:.6g}")
+
+
+def machine_info(threads: int) -> dict:
+    """The measured roofs of this run and what else was loading the machine."""
+    peak = measure_matmul_peak()
+    bandwidth = measure_bandwidth()
+    return dict(
+        mode="machine",
+        device=str(jax.devices()[0].device_kind),
+        cpus=os.cpu_count(),
+        threads=threads,
+        matmul_peak_gflops=round(peak / 1e9, 1),
+        read_bandwidth_gbs=round(bandwidth / 1e9, 1),
+        loadavg_1min=round(os.getloadavg()[0], 2),
+        glibc_tunables=os.environ.get("GLIBC_TUNABLES"),
+    )
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--mode",
+        default="forward,train,sample,tokenize",
+        help="comma-separated: forward, train, sample, tokenize",
+    )
+    parser.add_argument("--preset", default="tiny", help="ModelConfig preset (default tiny)")
+    parser.add_argument("--d", type=int, help="override n_embd")
+    parser.add_argument("--layers", type=int, help="override n_layer")
+    parser.add_argument("--heads", type=int, help="override n_head")
+    parser.add_argument("--side", type=int, help="override the image side (n_positions=side^2)")
+    parser.add_argument("--batch", type=int, default=8, help="forward/train batch")
+    parser.add_argument("--sample-batch", type=int, default=8, help="the batch-N sample case")
+    parser.add_argument("--sample-tokens", type=int, help="tokens per sample (default: all)")
+    parser.add_argument("--top-k", type=int, default=64, help="top-k of both samplers")
+    parser.add_argument("--images", type=int, default=512, help="images per tokenize call")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per case")
+    parser.add_argument("--vs-hf", action="store_true", help="also run transformers (PyTorch)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
+    parser.add_argument("--json", help="also append the JSON lines to this file")
+    args = parser.parse_args(argv)
+    modes = [m.strip() for m in args.mode.split(",") if m.strip()]
+    unknown = sorted(set(modes) - {"forward", "train", "sample", "tokenize"})
+    if unknown:
+        parser.error(f"unknown --mode {unknown}; choose from forward, train, sample, tokenize")
+    args.modes = modes
+    return args
+
+
+def config_from_args(args: argparse.Namespace) -> ModelConfig:
+    """The preset with any explicit size overrides."""
+    overrides = {}
+    for flag, field in (("d", "n_embd"), ("layers", "n_layer"), ("heads", "n_head")):
+        if getattr(args, flag) is not None:
+            overrides[field] = getattr(args, flag)
+    if args.side is not None:
+        overrides["n_positions"] = args.side * args.side
+    return ModelConfig.preset(args.preset, **overrides)
+
+
+def run(args: argparse.Namespace, emit: Callable[[dict], None]) -> list[dict]:
+    """Run the requested modes; `emit` receives each record as it is measured."""
+    config = config_from_args(args)
+    if args.vs_hf:
+        from igpt import benchmark_hf as hf  # imports torch; only when asked
+
+        hf.set_threads(args.threads)
+    shape = dict(
+        d=config.n_embd,
+        layers=config.n_layer,
+        heads=config.n_head,
+        side=config.image_side,
+        params=count_params(param_shapes(config)),
+    )
+    records = [machine_info(args.threads)]
+    emit(records[0])
+    peak = records[0]["matmul_peak_gflops"] * 1e9
+    params = benchmark_params(config)
+    tokens = args.sample_tokens or config.n_positions
+    clusters = np.random.default_rng(0).uniform(-1, 1, (config.num_clusters, 3)).astype(np.float32)
+    pixels = np.random.default_rng(1).integers(0, 256, (args.images, 32, 32, 3), dtype=np.uint8)
+
+    plans = []  # (mode, batch, [igpt case, maybe transformers case])
+    for mode in args.modes:
+        if mode == "forward":
+            cases = [igpt_forward(config, params, args.batch)]
+            if args.vs_hf:
+                cases.append(hf.forward_case(config, params, args.batch))
+            plans.append((mode, args.batch, cases))
+        elif mode == "train":
+            cases = [igpt_train(config, params, args.batch)]
+            if args.vs_hf:
+                cases.append(hf.train_case(config, params, args.batch))
+            plans.append((mode, args.batch, cases))
+        elif mode == "sample":
+            for batch in sorted({1, args.sample_batch}):
+                cases = [igpt_sample(config, params, batch, tokens, args.top_k)]
+                if args.vs_hf:
+                    cases.append(hf.sample_case(config, params, batch, tokens, args.top_k))
+                plans.append((mode, batch, cases))
+        else:
+            cases = [igpt_tokenize(clusters, pixels)]
+            if args.vs_hf:
+                cases.append(hf.tokenize_case(clusters, pixels))
+            plans.append((mode, len(pixels), cases))
+
+    for mode, batch, cases in plans:
+        results = time_cases(cases, args.repeats)
+        for result in results:
+            record = dict(mode=mode, batch=batch, **shape, **result)
+            if mode == "sample":
+                record["tokens"] = tokens
+            if record["flops_per_s"]:
+                record["fraction_of_peak"] = round(record["flops_per_s"] / peak, 3)
+            records.append(record)
+            emit(record)
+        if len(results) == 2:
+            ratio = dict(
+                mode=mode,
+                batch=batch,
+                impl="igpt/transformers",
+                ratio=round(results[0]["per_s"] / results[1]["per_s"], 2),
+            )
+            records.append(ratio)
+            emit(ratio)
+    return records
+
+
+def format_table(records: list[dict]) -> str:
+    """A readable summary of the records of one run."""
+    machine = records[0]
+    lines = [
+        f"machine: {machine['cpus']} CPUs ({machine['device']}), matmul peak "
+        f"{machine['matmul_peak_gflops']} GFLOP/s, read bandwidth {machine['read_bandwidth_gbs']}"
+        f" GB/s, load average {machine['loadavg_1min']}",
+        f"{'mode':9} {'batch':>5} {'impl':18} {'per s':>12} {'GFLOP/s':>8} {'% peak':>7} "
+        f"{'best s':>8} {'warm-up s':>9} {'ratio':>6}",
+    ]
+    for r in records[1:]:
+        if r["impl"] == "igpt/transformers":
+            lines.append(f"{r['mode']:9} {r['batch']:>5} {r['impl']:18} {'':>47} {r['ratio']:>6}")
+            continue
+        unit = "img" if r["mode"] == "tokenize" else "tok"
+        gflops = f"{r['flops_per_s'] / 1e9:.1f}" if r["flops_per_s"] else "-"
+        peak = f"{100 * r['fraction_of_peak']:.1f}" if "fraction_of_peak" in r else "-"
+        lines.append(
+            f"{r['mode']:9} {r['batch']:>5} {r['impl']:18} {r['per_s']:>8.1f} {unit}"
+            f" {gflops:>8} {peak:>7} {r['best_s']:>8.3f} {r['warmup_s']:>9.2f}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    with open(args.json, "a") if args.json else contextlib.nullcontext() as sink:
+
+        def emit(record):
+            line = json.dumps(record)
+            print(line, flush=True)
+            if sink:
+                sink.write(line + "\n")
+                sink.flush()
+
+        try:
+            records = run(args, emit)
+        except ValueError as e:
+            print(f"benchmark: error: {e}", file=sys.stderr)
+            return 2
+    print()
+    print(format_table(records))
+    return 0

@@ -1,0 +1,106 @@
+"""The benchmark harness at tiny sizes: its records, its FLOP count, its transformers twin."""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import igpt
+from igpt import benchmark
+
+TINY_ARGS = ["--d", "32", "--layers", "1", "--heads", "2", "--side", "4", "--batch", "2"]
+TINY_ARGS += ["--sample-batch", "3", "--images", "8", "--repeats", "1"]
+
+
+def _records(capsys, argv):
+    assert benchmark.main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    records = [json.loads(line) for line in lines if line.startswith("{")]
+    table = "\n".join(line for line in lines if not line.startswith("{"))
+    return records, table
+
+
+@pytest.mark.parametrize("vs_hf", [False, True])
+def test_harness_reports_every_mode(capsys, tmp_path, vs_hf):
+    out = tmp_path / "bench.jsonl"
+    argv = TINY_ARGS + ["--json", str(out)] + (["--vs-hf"] if vs_hf else [])
+    records, table = _records(capsys, argv)
+    assert [json.loads(line) for line in out.read_text().splitlines()] == records
+
+    machine = records[0]
+    assert machine["mode"] == "machine" and machine["matmul_peak_gflops"] > 0
+    impls = ["igpt", "transformers"] if vs_hf else ["igpt"]
+    cases = [r for r in records[1:] if r["impl"] in impls]
+    expected = {
+        (m, b, i)
+        for m, b in [("forward", 2), ("train", 2), ("sample", 1), ("sample", 3)]
+        for i in impls
+    } | {("tokenize", 8, i) for i in impls}
+    assert {(r["mode"], r["batch"], r["impl"]) for r in cases} == expected
+    config = igpt.ModelConfig(n_embd=32, n_layer=1, n_head=2, n_positions=16)
+    per_sequence = benchmark.forward_flops(config, 16)
+    passes = {"forward": 1, "train": 3, "sample": 1}
+    for r in cases:
+        assert r["per_s"] > 0 and r["median_s"] >= r["best_s"] > 0 and r["warmup_s"] > 0
+        if r["mode"] == "tokenize":
+            assert r["flops"] is None
+            continue
+        assert r["flops"] == passes[r["mode"]] * r["batch"] * per_sequence
+        assert r["flops_per_s"] == pytest.approx(r["flops"] / r["best_s"], rel=1e-3)
+        assert r["fraction_of_peak"] == pytest.approx(
+            r["flops_per_s"] / (machine["matmul_peak_gflops"] * 1e9), abs=2e-3
+        )
+    ratios = [r for r in records[1:] if r["impl"] == "igpt/transformers"]
+    assert len(ratios) == (5 if vs_hf else 0)
+    for ratio in ratios:
+        mine, theirs = (
+            next(
+                r
+                for r in cases
+                if (r["mode"], r["batch"], r["impl"]) == (ratio["mode"], ratio["batch"], i)
+            )
+            for i in ("igpt", "transformers")
+        )
+        assert ratio["ratio"] == pytest.approx(mine["per_s"] / theirs["per_s"], rel=0.01)
+    assert "matmul peak" in table and "sample" in table
+
+
+def test_flop_count_matches_the_model_shapes():
+    # Each kernel scalar of the model is one multiply-add per token (2 FLOPs); attention adds
+    # q.k and p.v over the p + 1 visible positions: 2 * 2 * d per position and layer.
+    config = igpt.ModelConfig(n_embd=48, n_layer=3, n_head=4, n_positions=36, n_inner=80)
+    shapes = igpt.param_shapes(config)
+    kernels = [shapes["lm_head"]["kernel"]] + [
+        shapes["h"][block][name]["kernel"]
+        for block, name in [
+            ("attn", "c_attn"),
+            ("attn", "c_proj"),
+            ("mlp", "c_fc"),
+            ("mlp", "c_proj"),
+        ]
+    ]
+    kernel_scalars = sum(int(np.prod(k.value.shape)) for k in kernels)
+    for length in (1, 17, 36):
+        attention = sum(4 * 48 * 3 * (p + 1) for p in range(length))
+        assert benchmark.forward_flops(config, length) == 2 * kernel_scalars * length + attention
+
+
+def test_transformers_twin_has_the_same_weights():
+    from igpt import benchmark_hf
+
+    config = igpt.ModelConfig(n_embd=32, n_layer=2, n_head=4, n_positions=16)
+    params = benchmark.benchmark_params(config)
+    ids = benchmark.random_ids(config, 2)
+    with torch.no_grad():
+        theirs = benchmark_hf.hf_model(config, params)(torch.tensor(ids).long()).logits.numpy()
+    ours = igpt.ImageGPT(config).apply({"params": params}, jnp.asarray(ids)).logits
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+    assert np.std(theirs) > 0.1  # the random head gives informative logits
+
+
+def test_bad_mode_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit):
+        benchmark.main(["--mode", "fly"])
+    assert "unknown --mode" in capsys.readouterr().err

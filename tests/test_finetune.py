@@ -1,0 +1,186 @@
+"""Fine-tuning on the embedded digits: learning, the best model, early stopping, exact resume,
+and the transformers export."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import igpt
+from igpt.checkpointing import latest_step, load_workdir
+from igpt.cli import apply_override, load_config
+from igpt.data import open_source
+from igpt.finetune import finetune
+from igpt.pretrain import load_init_params
+from igpt.run_config import build_model_config
+from igpt.sharding import make_mesh, tree_shardings
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = igpt.ModelConfig(n_embd=32, n_layer=2, n_head=2, n_inner=128, n_positions=64, vocab_size=17)
+GREYS = np.repeat(np.linspace(-1, 1, 16, dtype=np.float32)[:, None], 3, axis=1)
+SMALL = {
+    "model.n_embd": "32",
+    "model.n_layer": "2",
+    "model.n_head": "2",
+    "model.n_inner": "128",
+    "data.eval": "digits:train[1100:]",
+    "data.test": "digits:test[:200]",
+    "batch_size": "32",
+    "num_steps": "80",
+    "eval_every": "20",
+    "checkpoint_every": "20",
+    "log_every": "20",
+    "optimizer.learning_rate": "5e-3",
+    "optimizer.warmup_epochs": "0.1",
+    "finetune.patience": "0",
+    "sample.num_samples": "2",  # the sample grids drawn at each evaluation: keep them cheap
+    "sample.num_completions": "1",
+}
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A tiny digits-sized model (random init, no classifier) with a 16-grey palette."""
+    params = igpt.init_params(TINY, jax.random.key(0))
+    return igpt.save_model(tmp_path_factory.mktemp("pretrained") / "m", TINY, params, GREYS)
+
+
+def _overrides(pretrained, **changes):
+    return SMALL | {"init_from": str(pretrained)} | changes
+
+
+def _config(pretrained, **changes):
+    config = load_config(str(ROOT / "configs" / "finetune.py"))
+    for key, value in _overrides(pretrained, **changes).items():
+        apply_override(config, key, value)
+    return config
+
+
+def _val_examples(count=None):
+    source = open_source("digits:train[1100:]")
+    count = len(source) if count is None else count
+    images = np.stack([source[i]["image"] for i in range(count)])
+    labels = np.asarray([source[i]["label"] for i in range(count)])
+    return images, labels
+
+
+def _igpt_class_logits(model_dir, images):
+    """Class logits of an igpt model dir computed directly (no data pipeline, no trainer)."""
+    config, params, clusters = igpt.load_model(model_dir)
+    tokens = igpt.ColorTokenizer(clusters, size=8).encode(images)
+    ids = np.concatenate([np.full((len(tokens), 1), config.sos_id), tokens[:, :-1]], axis=1)
+    out = igpt.ImageGPT(config).apply({"params": params}, jnp.asarray(ids, jnp.int32))
+    return np.asarray(out.class_logits), ids
+
+
+@pytest.fixture(scope="module")
+def straight_run(pretrained, tmp_path_factory):
+    """80 steps through the command line, evaluating every 20."""
+    workdir = tmp_path_factory.mktemp("straight")
+    flags = [f"--config.{k}={v}" for k, v in _overrides(pretrained).items()]
+    result = subprocess.run(
+        [sys.executable, "scripts/finetune.py", "--config", "configs/finetune.py",
+         "--workdir", str(workdir), *flags],
+        cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir, result.stdout
+
+
+def test_finetuning_beats_chance_and_keeps_the_best_model(straight_run):
+    workdir, stdout = straight_run
+    results = json.loads((workdir / "results.json").read_text())
+    history = json.loads((workdir / "validation.json").read_text())
+    assert [h["step"] for h in history] == [20, 40, 60, 80]
+    assert results["val_accuracy"] == max(h["accuracy"] for h in history) > 0.3  # chance: 0.1
+    assert results["test_accuracy"] > 0.3
+    assert f"test accuracy {100 * results['test_accuracy']:.2f}" in stdout
+
+    # The saved best model has exactly the best validation accuracy, computed independently.
+    images, labels = _val_examples()
+    logits, _ = _igpt_class_logits(workdir / "best", images)
+    assert np.mean(np.argmax(logits, -1) == labels) == pytest.approx(results["val_accuracy"])
+    assert (workdir / "finetune_accuracy.png").exists()
+
+
+def test_resume_after_a_crash_equals_one_run(pretrained, straight_run, tmp_path):
+    finetune(_config(pretrained, num_steps="60", **{"data.test": ""}), tmp_path)
+    # As if killed after the validation pass at step 60 but before its checkpoint: the
+    # history has a step-60 record the checkpoints do not cover.
+    shutil.rmtree(tmp_path / "checkpoints" / "60")
+    results = finetune(_config(pretrained), tmp_path)
+
+    workdir, _ = straight_run
+    assert json.loads((tmp_path / "validation.json").read_text()) == json.loads(
+        (workdir / "validation.json").read_text()
+    )
+    assert results == json.loads((workdir / "results.json").read_text()) | {
+        "best_model": str(tmp_path / "best")
+    }
+    last = (load_workdir(tmp_path)[1], load_workdir(workdir)[1])
+    best = (igpt.load_model(tmp_path / "best")[1], igpt.load_model(workdir / "best")[1])
+    for ours, theirs in (last, best):
+        for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_early_stopping_stops_and_stays_stopped(pretrained, tmp_path, capsys):
+    # A zero learning rate never improves on the first validation accuracy.
+    config = _config(
+        pretrained,
+        eval_every="10",
+        checkpoint_every="10",
+        **{"optimizer.learning_rate": "0.0", "finetune.patience": "2", "data.test": ""},
+    )
+    results = finetune(config, tmp_path)
+    history = json.loads((tmp_path / "validation.json").read_text())
+    assert [h["step"] for h in history] == [10, 20, 30]
+    assert results["stopped_early"] and results["best_step"] == 10
+    assert latest_step(tmp_path) == 30
+
+    finetune(config, tmp_path)
+    assert "early stopping already reached" in capsys.readouterr().out
+    assert latest_step(tmp_path) == 30
+
+
+def test_transformers_export_predicts_the_same_classes(straight_run, tmp_path):
+    torch = pytest.importorskip("torch")
+    from transformers import ImageGPTForImageClassification
+
+    workdir, _ = straight_run
+    config, params, clusters = igpt.load_model(workdir / "best")
+    igpt.save_hf(config, params, tmp_path / "hf", clusters)
+    model = ImageGPTForImageClassification.from_pretrained(tmp_path / "hf").eval()
+
+    images, _ = _val_examples(64)
+    ours, ids = _igpt_class_logits(workdir / "best", images)
+    with torch.no_grad():
+        theirs = model(torch.as_tensor(ids)).logits.numpy()
+    np.testing.assert_array_equal(np.argmax(theirs, -1), np.argmax(ours, -1))
+    np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=1e-4)
+    assert len(set(np.argmax(ours, -1))) > 2  # a trained head, not a constant prediction
+
+    # The export is itself a valid init_from for a run config, which stores the MLP width
+    # explicitly where transformers' config says n_inner=None.
+    run_config = build_model_config(_config(workdir, **{"model.use_bias": "True"}))
+    shardings = SimpleNamespace(
+        params=tree_shardings(igpt.param_shapes(run_config), make_mesh((-1, 1, 1)))
+    )
+    loaded = load_init_params(str(tmp_path / "hf"), run_config, shardings)
+    np.testing.assert_array_equal(loaded["score"]["kernel"], params["score"]["kernel"])
+
+
+def test_bad_fine_tuning_setups_are_clear_errors(pretrained, tmp_path):
+    with pytest.raises(ValueError, match="set --config.init_from"):
+        finetune(_config(pretrained, init_from=""), tmp_path / "a")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        finetune(_config(pretrained, init_from=str(tmp_path / "missing")), tmp_path / "b")
+    with pytest.raises(ValueError, match="set --config.model.num_labels"):
+        finetune(_config(pretrained, **{"model.num_labels": "0"}), tmp_path / "c")

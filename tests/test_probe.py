@@ -1,0 +1,206 @@
+"""Probe features, the logistic-regression solvers (against scikit-learn) and the layer sweep."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+import igpt
+from igpt.data import open_source
+from igpt.features import FeatureExtractor
+from igpt.plots import COLOURS
+from igpt.probe import (
+    ProbeSettings,
+    c_to_l2,
+    fit_probe,
+    l2_to_c,
+    objective,
+    pixel_features,
+    standardizer,
+    subsample_per_class,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+# 8x8 images (64 positions), 16 grey levels as the palette.
+TINY = igpt.ModelConfig(n_embd=32, n_layer=3, n_head=2, n_positions=64, vocab_size=17)
+GREYS = np.repeat(np.linspace(-1, 1, 16, dtype=np.float32)[:, None], 3, axis=1)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A random tiny model whose ln_1 gains differ by layer and channel, so a feature that
+    used the wrong gain (or none) would differ."""
+    params = igpt.init_params(TINY, jax.random.key(0))
+    gains = jax.random.uniform(jax.random.key(1), params["h"]["ln_1"]["scale"].shape, minval=0.5)
+    params["h"]["ln_1"]["scale"] = gains * 2
+    params["ln_f"]["scale"] = jax.random.uniform(jax.random.key(2), (TINY.n_embd,), minval=0.5)
+    return igpt.save_model(tmp_path_factory.mktemp("model") / "m", TINY, params, GREYS)
+
+
+@pytest.fixture(scope="module")
+def digits_pixels():
+    return {
+        name: pixel_features(spec, 8)
+        for name, spec in [("train", "digits:train[:1100]"), ("val", "digits:train[1100:]"),
+                           ("test", "digits:test")]
+    }  # fmt: skip
+
+
+def _hand_features(config, params, clusters, spec):
+    """mean over positions of ln_1(h_l) (ln_f output for the last layer), in numpy from the
+    model's hidden_states, with tokens from the tokenizer directly (no data pipeline)."""
+    source = open_source(spec)
+    images = np.stack([source[i]["image"] for i in range(len(source))])
+    tokens = igpt.ColorTokenizer(clusters, size=8).encode(images)
+    ids = np.concatenate([np.full((len(tokens), 1), config.sos_id), tokens[:, :-1]], axis=1)
+    hidden = igpt.ImageGPT(config).apply({"params": params}, jnp.asarray(ids)).hidden_states
+    gains = np.asarray(params["h"]["ln_1"]["scale"])
+    features = {}
+    for layer, h in enumerate(hidden):
+        h = np.asarray(h, np.float64)
+        if layer < config.n_layer:
+            h = h / np.sqrt(np.mean(h**2, axis=-1, keepdims=True) + 1e-5) * gains[layer]
+        features[layer] = h.mean(axis=1)
+    return features, np.asarray([source[i]["label"] for i in range(len(source))])
+
+
+def test_features_equal_a_hand_computation_and_come_back_from_the_cache(model_dir, tmp_path):
+    spec = "digits:test[:50]"  # 50 examples in batches of 32: the 14 padding rows are dropped
+    extractor = FeatureExtractor(model_dir, batch_size=32, cache_dir=tmp_path)
+    features, labels = extractor.features(spec)
+    config, params, clusters = igpt.load_model(model_dir)
+    expected, expected_labels = _hand_features(config, params, clusters, spec)
+    assert sorted(features) == [0, 1, 2, 3]
+    np.testing.assert_array_equal(labels, expected_labels)
+    for layer, x in features.items():
+        assert x.shape == (50, TINY.n_embd)
+        np.testing.assert_allclose(x, expected[layer], rtol=1e-4, atol=1e-5)
+
+    # A new extractor on the same checkpoint reads the cache instead of running the model...
+    again = FeatureExtractor(model_dir, batch_size=32, cache_dir=tmp_path)
+    again.extract = None  # calling it would fail
+    cached, cached_labels = again.features(spec, [1, 3])
+    np.testing.assert_array_equal(cached[3], features[3])
+    np.testing.assert_array_equal(cached_labels, labels)
+    # ...while other splits, and other checkpoints, get their own files.
+    assert again.cache_path("digits:test[50:]") != again.cache_path(spec)
+    params["wte"]["embedding"] = params["wte"]["embedding"] + 1.0
+    other = igpt.save_model(tmp_path / "other", config, params, clusters)
+    assert FeatureExtractor(other, cache_dir=tmp_path).cache_path(spec) != again.cache_path(spec)
+
+
+def test_bad_layers_and_checkpoints_are_one_line_errors(model_dir, tmp_path):
+    extractor = FeatureExtractor(model_dir)
+    with pytest.raises(ValueError, match=r"layer 4 is out of range .* valid layers are 0\.\.3"):
+        extractor.features("digits:test[:8]", [1, 4])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        FeatureExtractor(tmp_path / "no_such_model")
+    config, params, _ = igpt.load_model(model_dir)
+    bare = igpt.save_model(tmp_path / "bare", config, params)  # no clusters.npy
+    with pytest.raises(ValueError, match="has no colour palette"):
+        FeatureExtractor(bare)
+
+
+@pytest.mark.parametrize("c", [0.1, 3.0])
+def test_lbfgs_probe_matches_scikit_learn(digits_pixels, c):
+    from sklearn.linear_model import LogisticRegression
+    from threadpoolctl import threadpool_limits
+
+    (x, y), (test_x, test_y) = digits_pixels["train"], digits_pixels["test"]
+    l2 = c_to_l2(c, len(y))
+    assert l2_to_c(l2, len(y)) == pytest.approx(c)
+    probe, _ = fit_probe((x, y), digits_pixels["val"], ProbeSettings(l2_grid=(l2,)))
+
+    mean, scale = standardizer(x)
+    reference = LogisticRegression(C=c, max_iter=10_000, tol=1e-10)
+    with threadpool_limits(1):  # BLAS threads fighting JAX's for 2 cores take 100x longer
+        reference.fit((x - mean) / scale, y)
+    ours = probe.accuracy(test_x, test_y)
+    theirs = reference.score((test_x - mean) / scale, test_y)
+    assert abs(ours - theirs) <= 0.005
+    # The same optimum: the weights agree (sklearn's are (K, D)).
+    np.testing.assert_allclose(
+        probe.weights, reference.coef_.T, atol=5e-3 * np.abs(reference.coef_).max()
+    )
+
+
+def test_sgd_solver_reaches_the_lbfgs_optimum(digits_pixels):
+    (x, y), val = digits_pixels["train"], digits_pixels["val"]
+    l2 = 1e-2
+    exact, _ = fit_probe((x, y), val, ProbeSettings(l2_grid=(l2,), solver="lbfgs"))
+    # "auto" picks SGD when the features exceed full_batch_max.
+    sgd_settings = ProbeSettings(l2_grid=(l2,), full_batch_max=1000, sgd_batch_size=100)
+    sgd, _ = fit_probe((x, y), val, sgd_settings)
+
+    def loss(probe):
+        params = {"w": jnp.asarray(probe.weights), "b": jnp.asarray(probe.bias)}
+        return float(objective(params, (x - probe.mean) / probe.scale, y, l2))
+
+    assert loss(exact) <= loss(sgd) <= loss(exact) * 1.03
+    assert abs(sgd.accuracy(*digits_pixels["test"]) - exact.accuracy(*digits_pixels["test"])) < 0.02
+
+
+def test_the_grid_keeps_the_l2_with_the_best_validation_accuracy(digits_pixels):
+    grid = (1e1, 1e-3)  # 10 is far too strong for this data
+    probe, accuracies = fit_probe(
+        digits_pixels["train"], digits_pixels["val"], ProbeSettings(l2_grid=grid)
+    )
+    assert set(accuracies) == set(grid)
+    assert probe.l2 == 1e-3 and accuracies[1e-3] > accuracies[1e1]
+    assert probe.accuracy(*digits_pixels["val"]) == accuracies[1e-3]
+
+
+def test_labels_per_class_subsample():
+    labels = np.repeat(np.arange(10), 30)
+    chosen = subsample_per_class(labels, 4, seed=0)
+    assert np.bincount(labels[chosen]).tolist() == [4] * 10
+    np.testing.assert_array_equal(chosen, subsample_per_class(labels, 4, seed=0))
+    assert not np.array_equal(chosen, subsample_per_class(labels, 4, seed=1))
+    with pytest.raises(ValueError, match="class 0 has only 30"):
+        subsample_per_class(labels, 31)
+
+
+def test_probe_cli_sweeps_layers_and_writes_json_and_plot(model_dir, tmp_path):
+    out = tmp_path / "probe"
+    flags = {"checkpoint": model_dir, "data.train": "digits:train[:400]",
+             "data.val": "digits:train[1100:1300]", "data.test": "digits:test[:200]",
+             "batch_size": 100, "probe.l2_grid": "(1e-2,1e-3)"}  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "scripts/probe.py", "--config", "configs/probe.py", "--workdir",
+         str(out), *[f"--config.{k}={v}" for k, v in flags.items()]],
+        cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "probe.json").read_text())
+    rows = report["layers"]
+    assert [row["layer"] for row in rows] == [0, 1, 2, 3]
+    for row in rows:
+        assert row["l2"] in (1e-2, 1e-3) and row["C"] == pytest.approx(1 / (row["l2"] * 400))
+        assert all(0 <= row[k] <= 1 for k in ("train_acc", "val_acc", "test_acc"))
+    best = max(rows, key=lambda row: row["val_acc"])
+    assert report["best_layer"] == best["layer"] and report["num_train"] == 400
+    assert report["raw_pixels"]["test_acc"] > 0.8  # raw pixels already separate digits well
+    assert f"best layer {best['layer']}" in result.stdout
+    assert f"test accuracy {100 * best['test_acc']:.2f}" in result.stdout
+
+    with Image.open(out / "probe_accuracy.png") as image:
+        assert image.size == (800, 500)
+        colours = {c for _, c in image.convert("RGB").getcolors(1 << 20)}
+    assert set(COLOURS[:3]) <= colours  # the train, val and test lines were drawn
+    assert len(list((out / "features").glob("*.npz"))) == 3
+
+
+def test_probe_cli_errors_are_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "scripts/probe.py", "--config", "configs/probe.py", "--workdir",
+         str(tmp_path), f"--config.checkpoint={tmp_path / 'missing'}"],
+        cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "does not exist" in result.stderr
