@@ -52,6 +52,9 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype of matmuls and activations
     param_dtype: str = "float32"  # storage dtype of parameters
     remat: bool = False  # recompute each block's activations in the backward pass to save memory
+    # "xla": igpt's blockwise causal attention; "dot_product": jax.nn.dot_product_attention,
+    # cuDNN's fused kernel on GPUs (no attention dropout or inverse-layer scaling there).
+    attention: str = "xla"
 
     def __post_init__(self):
         problems = []
@@ -65,6 +68,15 @@ class ModelConfig:
         for name in ("attn_pdrop", "resid_pdrop", "embd_pdrop"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 problems.append(f"{name}={getattr(self, name)} must be in [0, 1)")
+        if self.attention not in ("xla", "dot_product"):
+            problems.append(f"attention={self.attention!r} is not 'xla' or 'dot_product'")
+        if self.attention == "dot_product" and (
+            self.attn_pdrop or self.scale_attn_by_inverse_layer_idx
+        ):
+            problems.append(
+                "attention='dot_product' supports neither attn_pdrop nor "
+                "scale_attn_by_inverse_layer_idx; use attention='xla'"
+            )
         if self.num_labels < 0:
             problems.append(f"num_labels={self.num_labels} must be >= 0")
         if problems:

@@ -148,6 +148,13 @@ class Attention(nn.Module):
 
     def _attend_causal(self, q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, scale) -> jax.Array:
         """Attention among this call's tokens, in blocks of `QUERY_BLOCK` queries."""
+        if self.config.attention == "dot_product":
+            # cuDNN's fused kernel on GPUs; elsewhere JAX's XLA reference implementation.
+            on_gpu = jax.default_backend() == "gpu"
+            return jax.nn.dot_product_attention(
+                q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, scale=scale, is_causal=True,
+                implementation="cudnn" if on_gpu else None,
+            )  # fmt: skip
         t = q_BxTxHxK.shape[1]
         pos = jnp.arange(t)
         blocks = []

@@ -179,3 +179,14 @@ def test_dropout_only_when_not_deterministic():
     ).logits
     np.testing.assert_array_equal(a, b)
     assert not np.allclose(a, c)
+
+
+def test_dot_product_attention_option_matches_the_default():
+    # On GPUs this path runs cuDNN's fused kernel; here, JAX's XLA implementation.
+    params = random_igpt_params(TINY)
+    ids = _ids(TINY)
+    exact = igpt.ImageGPT(TINY).apply({"params": params}, ids).logits
+    fused = igpt.ImageGPT(TINY.replace(attention="dot_product")).apply({"params": params}, ids)
+    np.testing.assert_allclose(fused.logits, exact, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="supports neither attn_pdrop"):
+        TINY.replace(attention="dot_product", attn_pdrop=0.1)
