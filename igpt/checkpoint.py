@@ -46,7 +46,9 @@ def save_model(
     *,
     overwrite: bool = False,
 ) -> Path:
-    """Write an igpt model directory (atomically: built beside it, then renamed)."""
+    """Write an igpt model directory (atomically: built beside it, then renamed).
+
+    With several processes, call it from one of them only, with the whole parameters."""
     directory = Path(directory).absolute()
     if directory.exists() and not overwrite:
         raise FileExistsError(f"{directory} exists; pass overwrite=True or choose another path")
@@ -56,8 +58,11 @@ def save_model(
         config.save(staging / CONFIG_FILE)
         if clusters is not None:
             np.save(staging / CLUSTERS_FILE, np.asarray(clusters, np.float32))
-        checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save(staging / PARAMS_DIR, params)
+        # Only the calling process writes (host arrays), so orbax must not wait for the others.
+        me = jax.process_index()
+        only_me = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+        checkpointer = ocp.StandardCheckpointer(multiprocessing_options=only_me)
+        checkpointer.save(staging / PARAMS_DIR, jax.device_get(params))
         checkpointer.wait_until_finished()
         if directory.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
