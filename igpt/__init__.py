@@ -12,6 +12,7 @@ from igpt.model import (
     init_params,
     param_shapes,
 )
+from igpt.sampling import complete, sample
 from igpt.tokenizer import ColorTokenizer
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "ModelConfig",
     "ModelOutput",
     "count_params",
+    "complete",
     "fit_clusters",
     "init_cache",
     "init_params",
@@ -28,6 +30,7 @@ __all__ = [
     "load_model",
     "load_pretrained",
     "param_shapes",
+    "sample",
     "sample_pixels",
     "save_hf",
     "save_model",
