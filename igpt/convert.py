@@ -350,15 +350,8 @@ def save_hf(
     save_file(params_to_hf(config, params), str(out / "model.safetensors"), {"format": "pt"})
     (out / "config.json").write_text(json.dumps(config_to_hf(config), indent=2) + "\n")
     if clusters is not None:
+        from igpt.tokenizer import ColorTokenizer
+
         side = math.isqrt(config.n_positions)
-        processor = {
-            "image_processor_type": "ImageGPTImageProcessor",
-            "clusters": np.asarray(clusters, np.float32).tolist(),
-            "do_color_quantize": True,
-            "do_normalize": True,
-            "do_resize": True,
-            "resample": 2,
-            "size": {"height": side, "width": side},
-        }
-        (out / "preprocessor_config.json").write_text(json.dumps(processor) + "\n")
+        ColorTokenizer(clusters, size=(side, side)).save_pretrained(out)
     return out
