@@ -26,4 +26,4 @@ demo: $(VENV)/.run
 test: $(VENV)/.test
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest -q
+	GLIBC_TUNABLES=glibc.malloc.hugetlb=1 $(PY) -m pytest -q  # igpt/runtime.py: the entry points set it themselves

@@ -1,37 +1,42 @@
-"""igpt: ImageGPT in JAX/Flax."""
+"""igpt: ImageGPT in JAX/Flax.
 
-from igpt.checkpoint import load_model, load_pretrained, save_model
-from igpt.config import ModelConfig
-from igpt.convert import CheckpointMismatchError, load_hf, save_hf
-from igpt.kmeans import fit_clusters, sample_pixels
-from igpt.model import (
-    ImageGPT,
-    ModelOutput,
-    count_params,
-    init_cache,
-    init_params,
-    param_shapes,
-)
-from igpt.sampling import complete, sample
-from igpt.tokenizer import ColorTokenizer
+The names below are imported on first use, so `import igpt` (and the entry points, which must
+set up the process before JAX starts) stay fast.
+"""
 
-__all__ = [
-    "CheckpointMismatchError",
-    "ColorTokenizer",
-    "ImageGPT",
-    "ModelConfig",
-    "ModelOutput",
-    "count_params",
-    "complete",
-    "fit_clusters",
-    "init_cache",
-    "init_params",
-    "load_hf",
-    "load_model",
-    "load_pretrained",
-    "param_shapes",
-    "sample",
-    "sample_pixels",
-    "save_hf",
-    "save_model",
-]
+import importlib
+
+_EXPORTS = {
+    "CheckpointMismatchError": "igpt.convert",
+    "ColorTokenizer": "igpt.tokenizer",
+    "ImageGPT": "igpt.model",
+    "ModelConfig": "igpt.config",
+    "ModelOutput": "igpt.model",
+    "complete": "igpt.sampling",
+    "count_params": "igpt.model",
+    "fit_clusters": "igpt.kmeans",
+    "init_cache": "igpt.model",
+    "init_params": "igpt.model",
+    "load_hf": "igpt.convert",
+    "load_model": "igpt.checkpoint",
+    "load_pretrained": "igpt.checkpoint",
+    "param_shapes": "igpt.model",
+    "sample": "igpt.sampling",
+    "sample_pixels": "igpt.kmeans",
+    "save_hf": "igpt.convert",
+    "save_model": "igpt.checkpoint",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'igpt' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__():
+    return __all__

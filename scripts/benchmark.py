@@ -6,20 +6,19 @@ python scripts/benchmark.py --d 128 --layers 4 --heads 4 --side 16 --mode sample
 
 Prints one JSON line per measurement, then a table; see igpt/benchmark.py for the FLOP count.
 
-On Linux the script restarts itself once with GLIBC_TUNABLES=glibc.malloc.hugetlb=1: glibc
-otherwise hands out the multi-GB buffers that XLA and torch allocate for every train step as
-fresh 4 KiB-page mappings, about 1.4 million page faults (2-3 s of system time) per S-size
-step for either framework. Set GLIBC_TUNABLES yourself (even to nothing) to skip this.
+Like every entry point, it restarts itself once with glibc's huge-page setting
+(igpt/runtime.py), which both frameworks need: otherwise glibc hands out the multi-GB buffers
+of every S-size train step as fresh 4 KiB-page mappings, about 1.4 million page faults (2-3 s
+of system time) per step.
 """
 
-import os
 import sys
 
-if sys.platform == "linux" and "GLIBC_TUNABLES" not in os.environ:
-    os.environ["GLIBC_TUNABLES"] = "glibc.malloc.hugetlb=1"  # read by glibc at process start
-    os.execv(sys.executable, [sys.executable, *sys.argv])
+from igpt.runtime import relaunch_with_huge_pages
 
-from igpt.benchmark import main  # noqa: E402 - after the restart above
+relaunch_with_huge_pages()
+
+from igpt.benchmark import main
 
 if __name__ == "__main__":
     sys.exit(main())

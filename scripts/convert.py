@@ -4,6 +4,10 @@ python scripts/convert.py --from-hf openai/imagegpt-small --out models/igpt-s
 python scripts/convert.py --to-hf models/igpt-s --out hf/igpt-s
 """
 
+from igpt.runtime import relaunch_with_huge_pages
+
+relaunch_with_huge_pages()
+
 import argparse
 import sys
 

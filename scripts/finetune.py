@@ -10,6 +10,10 @@ accuracy) is the igpt model dir WORKDIR/best; export it to transformers with
       --config.init_from=models/igpt-s --workdir runs/cifar10-finetune
 """
 
+from igpt.runtime import relaunch_with_huge_pages
+
+relaunch_with_huge_pages()
+
 from igpt.cli import fail, parse_run_args
 from igpt.distributed import initialize_from_env
 

@@ -13,6 +13,10 @@ preprocessor_config.json into DIR, so `ImageGPTImageProcessor.from_pretrained(DI
 
 from __future__ import annotations
 
+from igpt.runtime import relaunch_with_huge_pages
+
+relaunch_with_huge_pages()
+
 import argparse
 
 from igpt.data import open_source

@@ -6,6 +6,10 @@
       --config.checkpoint=models/igpt-s --workdir runs/cifar10-probe-25
 """
 
+from igpt.runtime import relaunch_with_huge_pages
+
+relaunch_with_huge_pages()
+
 from igpt.cli import fail, parse_run_args
 from igpt.distributed import initialize_from_env
 

@@ -8,6 +8,10 @@ python scripts/sample.py --checkpoint openai-imagegpt-small/ --out completions.p
 .npz beside the PNG (`ids`; in completion mode also `inputs`, the encoded input images).
 """
 
+from igpt.runtime import relaunch_with_huge_pages
+
+relaunch_with_huge_pages()
+
 import argparse
 import sys
 from pathlib import Path

@@ -5,6 +5,10 @@
       --workdir runs/cifar10-s --config.batch_size=64
 """
 
+from igpt.runtime import relaunch_with_huge_pages
+
+relaunch_with_huge_pages()
+
 from igpt.cli import fail, parse_run_args
 from igpt.distributed import initialize_from_env
 
