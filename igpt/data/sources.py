@@ -11,7 +11,10 @@ Every source has `len(source)`, `source[i] -> {"image": uint8 (H, W, 3), "label"
                         SPLIT is train (1,297 examples) or test (500)
     folder:PATH         image files; one subfolder per class (labels follow the sorted
                         subfolder names) or a flat folder (unlabelled)
-    npz:PATH            an .npz with `images` (N, H, W, 3) uint8 and optional `labels` (N,)
+    npz:PATH            an .npz with `images` (N, H, W, 3) or grey (N, H, W) uint8 and
+                        optional `labels` (N,)
+    idx:DIR[:SPLIT]     the IDX files of MNIST-style datasets in DIR (see igpt.data.idx);
+                        SPLIT is train (default) or test; grey images become RGB
 
 Any spec may end in a slice, as in tfds: `tfds:cifar10:train[:90%]`, `digits:train[90%:]`,
 `folder:/data/pets[:1000]`, `npz:x.npz[100:-100]`. Slices are taken here, on top of random
@@ -34,11 +37,13 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from igpt.data import idx
 from igpt.tokenizer import load_image, to_rgb
 
 SPEC_FORMS = (
     "tfds:NAME[:SPLIT] (e.g. tfds:cifar10:train, tfds:imagenet_resized/32x32:validation), "
-    "digits[:SPLIT] (SPLIT train or test), folder:PATH, npz:PATH; any of them may end in a "
+    "digits[:SPLIT] (SPLIT train or test), folder:PATH, npz:PATH, idx:DIR[:SPLIT] (SPLIT "
+    "train or test); any of them may end in a "
     "slice such as [:90%], [90%:] or [:1000]"
 )
 
@@ -55,14 +60,17 @@ def _check_index(index: int, length: int) -> int:
 
 
 class ArraySource:
-    """Examples held in memory: uint8 images (N, H, W, 3) and optional integer labels (N,)."""
+    """Examples held in memory: uint8 images, RGB (N, H, W, 3) or grey (N, H, W) or
+    (N, H, W, 1), and optional integer labels (N,). Grey images are stored as they are and
+    returned as RGB."""
 
     def __init__(self, images, labels=None, *, name: str = "arrays", label_names=None):
         images = np.asarray(images)
-        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        grey = images.ndim == 3 or (images.ndim == 4 and images.shape[-1] == 1)
+        if images.dtype != np.uint8 or not (grey or images.ndim == 4 and images.shape[-1] == 3):
             raise ValueError(
-                f"{name}: images must be a uint8 array (N, H, W, 3), got {images.dtype} "
-                f"{images.shape}"
+                f"{name}: images must be a uint8 array (N, H, W, 3) or grey (N, H, W), got "
+                f"{images.dtype} {images.shape}"
             )
         if labels is None:
             labels = np.full(len(images), -1, np.int64)
@@ -80,7 +88,7 @@ class ArraySource:
 
     def __getitem__(self, index: int) -> dict:
         index = _check_index(index, len(self))
-        return {"image": self.images[index], "label": int(self.labels[index])}
+        return {"image": to_rgb(self.images[index]), "label": int(self.labels[index])}
 
     def describe(self, index: int) -> str:
         """Where example `index` comes from, for messages."""
@@ -306,6 +314,12 @@ def open_source(
         source = FolderSource(rest)
     elif kind == "npz" and rest:
         source = npz_source(rest)
+    elif kind == "idx" and rest:
+        directory, _, split = rest.rpartition(":")
+        if not directory or split not in idx.SPLIT_NAMES:
+            directory, split = rest, "train"
+        images, labels = idx.read_split(directory, split)
+        source = ArraySource(images, labels, name=f"idx:{directory}:{split}")
     else:
         raise ValueError(f"unknown data spec {spec!r}; valid forms: {SPEC_FORMS}")
     if selection is not None:
