@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 $(VENV)/.run: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e .
+	$(PY) -m pip install --quiet -e ".[plots]"
 	touch $@
 
 $(VENV)/.test: $(VENV)/.run
@@ -19,9 +19,9 @@ RUN := runs/digits
 .PHONY: demo test
 # Pretrain on the embedded digits (resumes if interrupted), sample, then probe every layer.
 demo: $(VENV)/.run
-	$(PY) scripts/train.py --config configs/digits.py --workdir $(RUN)
-	$(PY) scripts/sample.py --checkpoint $(RUN) --out $(RUN)/samples.png --num 36
-	$(PY) scripts/probe.py --config configs/probe.py --config.checkpoint=$(RUN) --workdir $(RUN)/probe
+	$(PY) scripts/train.py --config=configs/digits.py --workdir=$(RUN)
+	$(PY) scripts/sample.py --model=$(RUN) --out=$(RUN)/samples.png --num=36
+	$(PY) scripts/probe.py --config=configs/probe.py --config.init_from=$(RUN) --workdir=$(RUN)/probe
 
 test: $(VENV)/.test
 	$(VENV)/bin/ruff check .

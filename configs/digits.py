@@ -6,7 +6,7 @@ at 8x8 (64 tokens per image) for about 3 minutes on 2 cores.
   python scripts/train.py --config configs/digits.py --workdir runs/digits
 """
 
-from igpt.run_config import model_fields, pretrain_defaults
+from igpt.train.config import model_fields, pretrain_defaults
 
 
 def get_config(arg=None):
@@ -14,7 +14,7 @@ def get_config(arg=None):
     del arg
     config = pretrain_defaults()
     config.data.train = "digits:train[:1100]"
-    config.data.eval = "digits:train[1100:]"  # the digits test split is kept for probing
+    config.data.val = "digits:train[1100:]"  # the digits test split is kept for probing
     config.data.image_size = 8
     config.data.palette_pixels = 50_000
     # 1,100 training images overfit a model without dropout within a few hundred steps (the

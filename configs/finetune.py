@@ -1,10 +1,13 @@
 """Fine-tuning a pretrained iGPT as a classifier (paper: joint loss L_gen + L_clf, Adam at a
 constant learning rate about 10x below pretraining, early stopping on validation accuracy).
 
+The architecture is the `init_from` model's; `model` here only sets the classifier size and
+what may change between pretraining and fine-tuning (dtypes, dropout, remat).
+
 ARG is comma-separated key=value pairs (all optional):
-  dataset=digits|cifar10   digits (default): the model of configs/digits.py on its splits;
-                           cifar10: the converted openai/imagegpt-small, 45k/5k/10k, with the
-                           paper's CIFAR augmentation (reflect-pad 4, random crop, flip)
+  dataset=digits|cifar10   digits (default): the splits of configs/digits.py and its test split;
+                           cifar10: 45k/5k/10k with the paper's CIFAR augmentation (reflect-pad
+                           4, random crop, flip), e.g. for the converted openai/imagegpt-small
   clf_only                 train on L_clf alone instead of the joint loss
 
   python scripts/finetune.py --config configs/finetune.py --config.init_from=runs/digits \
@@ -13,27 +16,17 @@ ARG is comma-separated key=value pairs (all optional):
 
 import ml_collections
 
-from igpt.run_config import model_fields, parse_arg, pretrain_defaults
+from igpt.train.config import parse_arg, pretrain_defaults
 
-# dataset -> (train, val, test, side, augmentation, model preset and overrides)
+# dataset -> (train, val, test, augmentation)
 DATASETS = {
-    # The model must match configs/digits.py, whose runs are the init_from checkpoints.
-    "digits": (
-        "digits:train[:1100]",
-        "digits:train[1100:]",
-        "digits:test",
-        8,
-        "none",  # flips and 4-pixel crops would change 8x8 digits too much
-        ("tiny", dict(vocab_size=17, n_embd=64, n_layer=4, n_head=4)),
-    ),
-    # openai/imagegpt-small as converted by scripts/convert.py (transformers' zero biases).
+    # flips and 4-pixel crops would change 8x8 digits too much
+    "digits": ("digits:train[:1100]", "digits:train[1100:]", "digits:test", "none"),
     "cifar10": (
         "tfds:cifar10:train[:90%]",
         "tfds:cifar10:train[90%:]",
         "tfds:cifar10:test",
-        32,
         "cifar",
-        ("s", dict(use_bias=True)),
     ),
 }
 
@@ -43,14 +36,18 @@ def get_config(arg=None):
     arg = parse_arg(arg, dataset="digits", clf_only=False)
     if arg.dataset not in DATASETS:
         raise ValueError(f"dataset={arg.dataset!r}: choose one of {sorted(DATASETS)}")
-    train, val, test, side, augment, (preset, overrides) = DATASETS[arg.dataset]
+    train, val, test, augment = DATASETS[arg.dataset]
     c = pretrain_defaults()
     c.init_from = ""  # required: igpt model dir, training workdir or transformers dir
-    c.model = model_fields(preset, side, num_labels=10, **overrides)  # must match init_from
+    defaults = c.model
+    c.model = ml_collections.ConfigDict()  # changes to the init_from model (see above)
+    c.model.num_labels = 10  # classes of the classifier head
+    for field in ("dtype", "param_dtype", "remat", "attn_pdrop", "resid_pdrop", "embd_pdrop"):
+        c.model[field] = defaults[field]
     c.data.train = train
-    c.data.eval = val  # validation split: early stopping and the best model
+    c.data.val = val  # validation split: early stopping and the best model
     c.data.test = test  # the best model's accuracy is reported on it ("" = none)
-    c.data.image_size = side
+    c.data.image_size = 0  # the init_from model's resolution
     c.data.augment = augment
     c.data.palette = "checkpoint"  # the init_from model's colours (or a .npy / transformers dir)
 

@@ -9,7 +9,7 @@ ARG is comma-separated key=value pairs (all optional):
   python scripts/train.py --config configs/pretrain.py:dataset=imagenet32,model=m --workdir W
 """
 
-from igpt.run_config import model_fields, parse_arg, pretrain_defaults
+from igpt.train.config import model_fields, parse_arg, pretrain_defaults
 
 # dataset -> (train spec, eval spec, side, augmentation, warmup epochs)
 DATASETS = {
@@ -43,7 +43,7 @@ def get_config(arg=None):
     train, eval_, side, augment, warmup = DATASETS[arg.dataset]
     config = pretrain_defaults()
     config.data.train = train.format(folder=arg.folder)
-    config.data.eval = eval_.format(folder=arg.folder)
+    config.data.val = eval_.format(folder=arg.folder)
     config.data.image_size = side
     config.data.augment = augment
     config.optimizer.warmup_epochs = warmup

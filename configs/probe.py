@@ -5,15 +5,15 @@ ARG is comma-separated key=value pairs (all optional):
                            cifar10: 45k/5k/10k, for the converted openai/imagegpt-small
   labels_per_class=N       the paper's low-data probes: N training labels per class (4 or 25)
 
-  python scripts/probe.py --config configs/probe.py --config.checkpoint=runs/digits \
+  python scripts/probe.py --config configs/probe.py --config.init_from=runs/digits \
       --workdir runs/digits-probe
   python scripts/probe.py --config configs/probe.py:dataset=cifar10,labels_per_class=4 \
-      --config.checkpoint=models/igpt-s --workdir runs/cifar10-probe-4
+      --config.init_from=models/igpt-s --workdir runs/cifar10-probe-4
 """
 
 import ml_collections
 
-from igpt.run_config import parse_arg
+from igpt.train.config import parse_arg
 
 # dataset -> (train, val, test, default checkpoint, batch size)
 DATASETS = {
@@ -36,7 +36,7 @@ def get_config(arg=None):
     train, val, test, checkpoint, batch_size = DATASETS[arg.dataset]
     c = ml_collections.ConfigDict()
     # igpt model dir, training workdir (latest checkpoint) or transformers dir / hub id
-    c.checkpoint = checkpoint
+    c.init_from = checkpoint
     c.layers = ()  # layers to probe, 0 (embeddings) .. n_layer (final norm); () = all
     c.labels_per_class = arg.labels_per_class  # training labels kept per class; 0 = all
     c.baseline = True  # also probe the raw pixels of the same splits
@@ -45,7 +45,7 @@ def get_config(arg=None):
     c.data.train = train  # source spec (see igpt.data) the probes are fitted on
     c.data.val = val  # chooses each layer's L2 strength and the best layer
     c.data.test = test  # reported only
-    c.data.palette = ""  # "" = the checkpoint's own clusters; or a .npy / transformers dir
+    c.data.palette = ""  # "" = the checkpoint's own palette; or a .npy / transformers dir
 
     c.batch_size = batch_size  # global batch of the feature extraction forward passes
     c.mesh_shape = (-1, 1, 1)  # devices along (data, fsdp, tensor), as in training

@@ -14,17 +14,18 @@ _EXPORTS = {
     "ModelOutput": "igpt.model",
     "complete": "igpt.sampling",
     "count_params": "igpt.model",
-    "fit_clusters": "igpt.kmeans",
+    "fit_palette": "igpt.kmeans",
     "init_cache": "igpt.model",
     "init_params": "igpt.model",
     "load_hf": "igpt.convert",
-    "load_model": "igpt.checkpoint",
-    "load_pretrained": "igpt.checkpoint",
+    "LoadedModel": "igpt.loading",
+    "load_model": "igpt.loading",
+    "read_palette": "igpt.loading",
     "param_shapes": "igpt.model",
     "sample": "igpt.sampling",
     "sample_pixels": "igpt.kmeans",
     "save_hf": "igpt.convert",
-    "save_model": "igpt.checkpoint",
+    "save_model": "igpt.loading",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,76 +1,67 @@
-"""Command-line plumbing shared by the scripts: config files and `--config.KEY=VALUE`.
+"""Command lines: absl flags, ml_collections config files, and one way to fail.
 
-Every mistake is reported before anything runs, as one line saying what was wrong: a config
-file that does not exist, an unknown key (with the closest valid one), a value of the wrong
-type.
+Config-driven entry points (train, probe, fine-tune) take big_vision's and nanodo's form:
+
+    --config=configs/file.py[:ARG] --workdir=DIR [--config.KEY=VALUE ...]
+
+parsed by `ml_collections.config_flags` (types checked against the config, the config locked).
+igpt adds what those libraries lack: a missing config file, an error in `get_config(ARG)` or an
+unknown key (with the closest valid one) is one line, not a traceback.
+
+Every entry point runs through `run(main)`, which gives one exit-code policy:
+    0   done
+    1   failed: an explained error (bad data, a mismatched checkpoint, a NaN), one line
+    2   bad command line: an unknown or mistyped flag or config key, one line
+    75  preempted: a checkpoint was saved; run the same command again to resume (EX_TEMPFAIL)
+Errors that are not explained (bugs) keep their traceback.
 """
 
 from __future__ import annotations
 
-import argparse
-import ast
 import difflib
 import importlib.util
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import ml_collections
+from absl import flags, logging
+from ml_collections import config_flags
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_PREEMPTED = 75
+
+FLAGS = flags.FLAGS
+
+# Failures with an explanation in their message; anything else is a bug and keeps its traceback.
+EXPLAINED = (ValueError, OSError, RuntimeError, FloatingPointError, KeyError)
 
 
-class ConfigError(ValueError):
-    """A config file or override that cannot be used."""
+class UsageError(ValueError):
+    """A command line that cannot be used (exit status 2)."""
+
+    exit_code = EXIT_USAGE
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
     """`get_config(ARG)` of a config file given as "path/to/file.py[:ARG]"."""
     path, _, arg = spec.partition(":")
     if not Path(path).is_file():
-        raise ConfigError(f"config file {path!r} does not exist")
+        raise UsageError(f"config file {path!r} does not exist")
     module_spec = importlib.util.spec_from_file_location(f"igpt_config_{Path(path).stem}", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
-        raise ConfigError(f"config file {path!r} has no get_config(arg) function")
+        raise UsageError(f"config file {path!r} has no get_config(arg) function")
     try:
-        config = module.get_config(arg or None)
+        return module.get_config(arg or None)
     except ValueError as e:
-        raise ConfigError(f"{spec}: {e}") from None
-    return config
+        raise UsageError(f"{spec}: {e}") from None
 
 
-def _parse_value(text: str):
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text  # a bare word is a string
-
-
-def _coerce(key: str, old, text: str):
-    value = _parse_value(text)
-    if isinstance(old, bool):
-        if isinstance(value, bool):
-            return value
-        if str(text).lower() in ("true", "false"):
-            return str(text).lower() == "true"
-    elif isinstance(old, int) and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    elif isinstance(old, float) and isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    elif isinstance(old, str):
-        return text
-    elif isinstance(old, tuple | list) and isinstance(value, tuple | list | int):
-        return tuple(value) if isinstance(value, tuple | list) else (value,)
-    elif old is None:
-        return value
-    raise ConfigError(
-        f"--config.{key}={text}: expected a value of type {type(old).__name__} "
-        f"(the current value is {old!r})"
-    )
-
-
-def apply_override(config: ml_collections.ConfigDict, key: str, text: str) -> None:
-    """Set the dotted `key` of `config` from its command-line text, checking key and type."""
+def check_key(config: ml_collections.ConfigDict, key: str) -> None:
+    """Raise a UsageError naming the closest valid key if the dotted `key` is not a setting."""
     node, parts = config, key.split(".")
     for depth, part in enumerate(parts):
         keys = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
@@ -78,43 +69,67 @@ def apply_override(config: ml_collections.ConfigDict, key: str, text: str) -> No
             where = ".".join(parts[:depth]) or "config"
             close = difflib.get_close_matches(part, keys, n=1)
             hint = f"; did you mean {'.'.join([*parts[:depth], close[0]])!r}?" if close else ""
-            raise ConfigError(
+            raise UsageError(
                 f"--config.{key}: {where} has no key {part!r}{hint} (valid: {sorted(keys)})"
             )
-        if depth < len(parts) - 1:
-            node = node[part]
-    old = node[parts[-1]]
-    if isinstance(old, ml_collections.ConfigDict):
-        raise ConfigError(f"--config.{key} is a group of settings; set one of {sorted(old)}")
-    with node.unlocked():
-        node[parts[-1]] = _coerce(key, old, text)
+        node = node[part]
+    if isinstance(node, ml_collections.ConfigDict):
+        raise UsageError(f"--config.{key} is a group of settings; set one of {sorted(node)}")
 
 
-def parse_run_args(description: str, argv: Sequence[str] | None = None):
-    """Parse `--config FILE[:ARG] --workdir DIR [--config.KEY=VALUE ...]`.
+def _flag_value(argv: Sequence[str], name: str) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg.startswith(f"--{name}="):
+            return arg.split("=", 1)[1]
+        if arg == f"--{name}" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
 
-    Returns `(config, args)`; exits with a one-line message on any mistake.
-    """
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", required=True, help="config file[:ARG]")
-    parser.add_argument("--workdir", required=True, help="directory of the run")
-    args, rest = parser.parse_known_args(argv)
+
+def _check_config_args(argv: Sequence[str]) -> None:
+    """Load the config file and check every `--config.KEY` before absl parses them."""
+    spec = _flag_value(argv, "config")
+    if spec is None:
+        raise UsageError("--config=FILE.py[:ARG] is required")
+    config = load_config(spec)
+    for arg in argv[1:]:
+        if arg.startswith("--config."):
+            check_key(config, arg[len("--config.") :].split("=", 1)[0])
+
+
+def define_config_flags() -> None:
+    """`--config` (a config file) and `--workdir`, for config-driven entry points."""
+    config_flags.DEFINE_config_file("config", None, "config file[:ARG]", lock_config=True)
+    flags.DEFINE_string("workdir", None, "directory of the run", required=True)
+
+
+def fail(prog: str, error: BaseException | str, code: int = EXIT_FAILED):
+    """Print an error as one line and exit with `code`."""
+    print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def run(main: Callable[[], object], argv: Sequence[str] | None = None) -> None:
+    """Parse the flags defined so far, call `main()` and exit by the policy above."""
+    argv = list(sys.argv if argv is None else argv)
+    prog = Path(argv[0]).stem
     try:
-        config = load_config(args.config)
-        for item in rest:
-            if not item.startswith("--config."):
-                raise ConfigError(f"unexpected argument {item!r}; use --config.KEY=VALUE")
-            key, has_value, text = item[len("--config.") :].partition("=")
-            if not has_value:
-                raise ConfigError(f"{item}: write --config.{key}=VALUE (with '=')")
-            apply_override(config, key, text)
-    except ConfigError as e:
-        parser.exit(2, f"{parser.prog}: error: {e}\n")
-    config.lock()
-    return config, args
-
-
-def fail(prog: str, error: Exception) -> None:
-    """Print an error as one line and exit with status 1 (for expected, explained failures)."""
-    print(f"{prog}: error: {error}", file=sys.stderr)
-    sys.exit(1)
+        if "config" in FLAGS:
+            _check_config_args(argv)
+        extra = FLAGS(argv)[1:]
+        if extra:
+            raise UsageError(f"unexpected arguments {extra}; flags are written --name=value")
+    except (flags.Error, UsageError) as e:
+        fail(prog, e, EXIT_USAGE)
+    logging.set_verbosity(logging.ERROR)  # orbax and grain log routine events as warnings
+    try:
+        main()
+    except EXPLAINED as e:
+        fail(prog, e, getattr(type(e), "exit_code", EXIT_FAILED))
+    except Exception as e:
+        code = getattr(type(e), "exit_code", None)
+        if code is None:
+            raise
+        print(f"{prog}: {e}", file=sys.stderr, flush=True)
+        sys.exit(code)
+    sys.exit(0)

@@ -10,7 +10,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-NUM_CLUSTERS = 512  # colour clusters of the released models; vocab_size = NUM_CLUSTERS + 1 (SOS)
+PALETTE_SIZE = 512  # colour palette of the released models; vocab_size = PALETTE_SIZE + 1 (SOS)
 
 # name -> (n_embd, n_layer, n_head, n_positions). S/M/L are the released openai/imagegpt-* models;
 # XL was never released (its head count is not published: 24 heads keeps head_dim = 128).
@@ -35,7 +35,7 @@ class ModelConfig:
     Field names follow transformers' `ImageGPTConfig` so a config.json maps one to one.
     """
 
-    vocab_size: int = NUM_CLUSTERS + 1  # colour clusters + 1 start-of-sequence token (the last id)
+    vocab_size: int = PALETTE_SIZE + 1  # palette colours + 1 start-of-sequence token (last id)
     n_positions: int = 1024  # sequence length = image height * width
     n_embd: int = 512  # model width d
     n_layer: int = 24  # number of transformer blocks
@@ -61,7 +61,7 @@ class ModelConfig:
         if self.n_embd % self.n_head:
             problems.append(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         if self.vocab_size < 2:
-            problems.append(f"vocab_size={self.vocab_size} must be >= 2 (clusters + SOS)")
+            problems.append(f"vocab_size={self.vocab_size} must be >= 2 (palette colours + SOS)")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in _DTYPES:
                 problems.append(f"{name}={getattr(self, name)!r} is not one of {sorted(_DTYPES)}")
@@ -83,8 +83,8 @@ class ModelConfig:
             raise ValueError("Invalid ModelConfig: " + "; ".join(problems))
 
     @property
-    def num_clusters(self) -> int:
-        """Number of colour clusters (output logits); the SOS token is id `num_clusters`."""
+    def palette_size(self) -> int:
+        """Number of palette colours (output logits); the SOS token is id `palette_size`."""
         return self.vocab_size - 1
 
     @property

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
+from igpt import files
 from igpt.config import ModelConfig
+from igpt.tokenizer import PREPROCESSOR_CONFIG, ColorTokenizer
 
 CAUSAL_LM = "ImageGPTForCausalImageModeling"
 CLASSIFIER = "ImageGPTForImageClassification"
@@ -63,7 +65,7 @@ def _top_layout(cfg: ModelConfig, architecture: str):
     }
     # nn.Linear heads are (out, in); a Flax kernel is (in, out). Transposing is its own inverse.
     if architecture == CAUSAL_LM:
-        layout["lm_head.weight"] = (("lm_head", "kernel"), (cfg.num_clusters, d), np.transpose)
+        layout["lm_head.weight"] = (("lm_head", "kernel"), (cfg.palette_size, d), np.transpose)
     if architecture == CLASSIFIER:
         layout["score.weight"] = (("score", "kernel"), (cfg.num_labels, d), np.transpose)
     return prefix, layout
@@ -155,7 +157,7 @@ def params_from_hf(config: ModelConfig, tensors: dict[str, np.ndarray], architec
     # transformers' classifier and base model have no LM head: start it at zero, as igpt's
     # own initialisation does, so the model still has its generative head for fine-tuning.
     if architecture != CAUSAL_LM:
-        _set(params, ("lm_head", "kernel"), np.zeros((config.n_embd, config.num_clusters), dtype))
+        _set(params, ("lm_head", "kernel"), np.zeros((config.n_embd, config.palette_size), dtype))
     return params
 
 
@@ -250,23 +252,14 @@ def _read_bin(path: Path) -> dict[str, np.ndarray]:
     return {k: v.detach().to(torch.float32).numpy() for k, v in state.items()}
 
 
-def read_hf_clusters(directory: Path) -> np.ndarray | None:
-    """The (K, 3) float32 colour clusters from `preprocessor_config.json`, or None."""
-    path = directory / "preprocessor_config.json"
-    if not path.exists():
-        return None
-    clusters = json.loads(path.read_text()).get("clusters")
-    return None if clusters is None else np.asarray(clusters, dtype=np.float32)
-
-
 def load_hf(path_or_repo_id: str | os.PathLike) -> tuple[ModelConfig, dict, np.ndarray | None]:
-    """Load a transformers ImageGPT checkpoint as `(config, params, clusters)`.
+    """Load a transformers ImageGPT checkpoint as `(config, params, palette)`.
 
     `path_or_repo_id` is a local directory or a hub id (e.g. "openai/imagegpt-small", needs
     network). Accepts checkpoints of `ImageGPTForCausalImageModeling`,
     `ImageGPTForImageClassification` (its `score` head becomes the classifier and its config's
     labels set `num_labels`) and `ImageGPTModel`. The last two have no LM head in transformers;
-    igpt's `lm_head` is then zero, as at initialisation. `clusters` is None when the directory
+    igpt's `lm_head` is then zero, as at initialisation. `palette` is None when the directory
     has no `preprocessor_config.json`.
     """
     directory = _resolve_directory(path_or_repo_id)
@@ -275,7 +268,9 @@ def load_hf(path_or_repo_id: str | os.PathLike) -> tuple[ModelConfig, dict, np.n
         raise FileNotFoundError(f"{directory} has no config.json; is it a transformers checkpoint?")
     config, architecture = config_from_hf(json.loads(config_path.read_text()))
     params = params_from_hf(config, read_hf_tensors(directory), architecture)
-    return config, params, read_hf_clusters(directory)
+    has_palette = (directory / PREPROCESSOR_CONFIG).exists()
+    palette = ColorTokenizer.from_pretrained(directory).palette if has_palette else None
+    return config, params, palette
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,21 +332,26 @@ def save_hf(
     config: ModelConfig,
     params: dict,
     out_dir: str | os.PathLike,
-    clusters: np.ndarray | None = None,
+    palette: np.ndarray | None = None,
+    *,
+    overwrite: bool = False,
 ) -> Path:
     """Write a transformers checkpoint directory: config.json, model.safetensors and, with
-    clusters, preprocessor_config.json. Loadable by `from_pretrained` of the matching class
+    a palette, preprocessor_config.json. Loadable by `from_pretrained` of the matching class
     (`ImageGPTForImageClassification` when `num_labels > 0`, else
-    `ImageGPTForCausalImageModeling`) and by `load_hf`."""
+    `ImageGPTForCausalImageModeling`) and by `load_hf`. Written atomically; an existing
+    `out_dir` is replaced only with `overwrite=True`."""
     from safetensors.numpy import save_file
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(params_to_hf(config, params), str(out / "model.safetensors"), {"format": "pt"})
-    (out / "config.json").write_text(json.dumps(config_to_hf(config), indent=2) + "\n")
-    if clusters is not None:
-        from igpt.tokenizer import ColorTokenizer
-
-        side = math.isqrt(config.n_positions)
-        ColorTokenizer(clusters, size=(side, side)).save_pretrained(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) or another path")
+    with files.atomic_path(out) as staging:
+        staging.mkdir()
+        tensors = params_to_hf(config, params)
+        save_file(tensors, str(staging / "model.safetensors"), {"format": "pt"})
+        (staging / "config.json").write_text(json.dumps(config_to_hf(config), indent=2) + "\n")
+        if palette is not None:
+            side = math.isqrt(config.n_positions)
+            ColorTokenizer(palette, size=(side, side)).save_pretrained(staging)
     return out

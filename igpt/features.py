@@ -36,28 +36,13 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from igpt import data as data_lib
-from igpt.checkpoint import load_pretrained
+from igpt import files
 from igpt.config import ModelConfig
+from igpt.loading import load_model, read_palette
 from igpt.losses import model_inputs
-from igpt.model import ImageGPT, RMSNorm, param_shapes
-from igpt.sharding import global_batch, make_mesh, tree_shardings
+from igpt.model import ImageGPT, RMSNorm
+from igpt.sharding import global_batch, make_mesh, param_shardings, place
 from igpt.tokenizer import ColorTokenizer
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def load_checkpoint(path: str | os.PathLike) -> tuple[ModelConfig, dict, np.ndarray | None]:
-    """`load_pretrained(path)`, with a one-line error for a local path that does not exist
-    (rather than an attempt to download it as a hub id)."""
-    text = str(path)
-    local = Path(path)
-    hub_id = _HUB_ID.match(text) and not Path(local.parts[0]).exists()
-    if not local.exists() and not hub_id:
-        raise FileNotFoundError(
-            f"checkpoint {text!r} does not exist (expected an igpt model dir, a training "
-            "workdir or a transformers checkpoint dir)"
-        )
-    return load_pretrained(path)
 
 
 def check_layers(config: ModelConfig, layers: Sequence[int] | None) -> tuple[int, ...]:
@@ -110,7 +95,7 @@ class FeatureExtractor:
         logical axes, batches over data x fsdp.
       cache_dir: where `features()` keeps its npz files (None: no cache).
       palette: a (K, 3) .npy file or transformers dir to tokenize with, instead of the
-        checkpoint's own clusters.
+        checkpoint's own palette.
     """
 
     def __init__(
@@ -122,27 +107,22 @@ class FeatureExtractor:
         cache_dir: str | os.PathLike | None = None,
         palette: str = "",
     ):
-        config, params, clusters = load_checkpoint(checkpoint)
-        if palette and Path(palette).is_dir():
-            clusters = ColorTokenizer.from_pretrained(palette).clusters
-        elif palette:
-            clusters = ColorTokenizer.from_npy(palette).clusters
-        if clusters is None:
+        model = load_model(checkpoint)
+        config, params = model.config, jax.device_get(model.params)
+        palette = read_palette(palette) if palette else model.palette
+        if palette is None:
             raise ValueError(
-                f"{checkpoint} has no colour palette (clusters.npy, palette.npy or "
-                "preprocessor_config.json); pass one with palette=PATH"
+                f"{checkpoint} has no colour palette (palette.npy or preprocessor_config.json); "
+                "pass one with --config.data.palette=PATH"
             )
         self.config = config
         self.image_size = config.image_side
-        self.tokenizer = ColorTokenizer(clusters, size=self.image_size)
+        self.tokenizer = ColorTokenizer(palette, size=self.image_size)
         self.batch_size = batch_size
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
-        # From host memory: every process then places its own shards (a device-to-device
-        # put onto a mesh spanning several processes would need cross-host transfers).
-        params = jax.device_get(params)
-        self.fingerprint = _fingerprint(config, params, self.tokenizer.clusters)
+        self.fingerprint = _fingerprint(config, params, palette)
         self.mesh = make_mesh(mesh_shape)
-        self.params = jax.device_put(params, tree_shardings(param_shapes(config), self.mesh))
+        self.params = place(params, param_shardings(config, self.mesh))
         self._fns = {}
 
     def features(
@@ -213,10 +193,8 @@ class FeatureExtractor:
         path = self.cache_path(spec)
         if path is None or jax.process_index() != 0:
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staging = path.with_suffix(".tmp.npz")
-        np.savez(staging, labels=labels, **{f"layer_{k}": v for k, v in layers.items()})
-        os.replace(staging, path)  # a reader never sees a half-written file
+        with files.atomic_path(path) as staging:  # a reader never sees a half-written file
+            np.savez(staging, labels=labels, **{f"layer_{k}": v for k, v in layers.items()})
 
 
 def _kept(result) -> tuple[np.ndarray, np.ndarray]:
@@ -225,7 +203,7 @@ def _kept(result) -> tuple[np.ndarray, np.ndarray]:
     return features[:, mask], labels[mask]
 
 
-def _fingerprint(config: ModelConfig, params: dict, clusters: np.ndarray) -> str:
+def _fingerprint(config: ModelConfig, params: dict, palette: np.ndarray) -> str:
     """A digest of the architecture, every parameter and the palette: two checkpoints share
     cached features only if they compute the same features."""
     digest = hashlib.blake2b(digest_size=16)
@@ -233,5 +211,5 @@ def _fingerprint(config: ModelConfig, params: dict, clusters: np.ndarray) -> str
     for path, leaf in jax.tree_util.tree_leaves_with_path(params):
         digest.update(jax.tree_util.keystr(path).encode())
         digest.update(np.ascontiguousarray(leaf).tobytes())
-    digest.update(np.ascontiguousarray(clusters, np.float32).tobytes())
+    digest.update(np.ascontiguousarray(palette, np.float32).tobytes())
     return digest.hexdigest()

@@ -20,10 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from igpt.tokenizer import pixel_values, prepare_images
+from igpt.pixels import pixel_values, prepare_images
 
 
-def fit_clusters(
+def fit_palette(
     pixels: np.ndarray,
     k: int,
     *,
@@ -34,7 +34,9 @@ def fit_clusters(
     local_trials: int | None = None,
     verbose: bool = True,
 ) -> tuple[np.ndarray, float]:
-    """Fit `k` colour clusters to `pixels` (N, 3) in [-1, 1]; returns `(clusters, inertia)`.
+    """Fit a palette of `k` colours (k-means centres) to `pixels` (N, 3) in [-1, 1].
+
+    Returns `(palette, inertia)`.
 
     Seeding is greedy k-means++ (each new centre is the best of `local_trials` candidates drawn
     with probability proportional to the squared distance to the nearest chosen centre; default
@@ -58,7 +60,7 @@ def fit_clusters(
     distinct = len(np.unique(np.ascontiguousarray(x).view(np.dtype((np.void, 12)))))
     if distinct < k:
         warnings.warn(
-            f"the pixels hold only {distinct} distinct colours for k={k}; the extra clusters "
+            f"the pixels hold only {distinct} distinct colours for k={k}; the extra colours "
             "will duplicate others (encoding never uses a duplicate)",
             stacklevel=2,
         )
@@ -76,10 +78,10 @@ def fit_clusters(
             break
     progress.close()
     inertia = float(_inertia(chunks, weights, centres))
-    clusters = np.clip(np.asarray(centres), -1.0, 1.0).astype(np.float32)
+    palette = np.clip(np.asarray(centres), -1.0, 1.0).astype(np.float32)
     if verbose:
-        print(f"k-means: {k} clusters fitted to {len(x):,} pixels, inertia {inertia:.6g}")
-    return clusters, inertia
+        print(f"k-means: {k} colours fitted to {len(x):,} pixels, inertia {inertia:.6g}")
+    return palette, inertia
 
 
 def _chunk(x: np.ndarray, chunk_size: int) -> tuple[jax.Array, jax.Array]:

@@ -1,7 +1,7 @@
 """ImageGPT as pure Flax linen modules.
 
 Shapes in names: B batch, T tokens in this call, S cache length, D width, H heads, K head_dim,
-V colour clusters. Every parameter carries logical axis names ("vocab", "embed", "heads",
+V colour palette. Every parameter carries logical axis names ("vocab", "embed", "heads",
 "kv", "mlp", "layers", ...) that `igpt.sharding` maps onto a device mesh.
 
 Blocks are stacked with `nn.scan`, so parameters under "h" have a leading layer axis and the
@@ -56,7 +56,7 @@ def quick_gelu(x: jax.Array) -> jax.Array:
 class ModelOutput:
     """What `ImageGPT.__call__` returns.
 
-    logits: (B, T, V) float32 next-token logits over the colour clusters (never over SOS).
+    logits: (B, T, V) float32 next-token logits over the colour palette (never over SOS).
     hidden_states: like transformers' `output_hidden_states`: the residual stream before each
         block (n_layer arrays of (B, T, D)), then the final norm output.
     class_logits: (B, num_labels) float32, or None when the config has no classifier.
@@ -293,7 +293,7 @@ def _ln_f(cfg: ModelConfig) -> RMSNorm:
 
 def _lm_head(cfg: ModelConfig) -> nn.Dense:
     return nn.Dense(
-        cfg.num_clusters,
+        cfg.palette_size,
         use_bias=False,
         dtype=cfg.compute_dtype,
         param_dtype=cfg.storage_dtype,

@@ -28,8 +28,8 @@ import optax
 
 from igpt import data as data_lib
 from igpt.features import FeatureExtractor
-from igpt.plots import line_chart
-from igpt.tokenizer import pixel_values, resize, to_rgb
+from igpt.figures import line_chart
+from igpt.pixels import pixel_values, resize, to_rgb
 
 PROBE_JSON = "probe.json"
 PROBE_PLOT = "probe_accuracy.png"
@@ -290,12 +290,12 @@ def run_probe(config: ml_collections.ConfigDict, workdir: str) -> dict:
     val and test splits, one probe per layer, the raw-pixel baseline; writes
     `workdir/probe.json` and `workdir/probe_accuracy.png`, prints a table and the best layer
     (by validation accuracy). Returns what probe.json holds."""
-    if not config.checkpoint:
-        raise ValueError("no checkpoint to probe: set --config.checkpoint=DIR")
+    if not config.init_from:
+        raise ValueError("no model to probe: set --config.init_from=DIR")
     workdir = Path(workdir).absolute()
     settings = settings_from_config(config.probe)
     extractor = FeatureExtractor(
-        config.checkpoint,
+        config.init_from,
         batch_size=config.batch_size,
         mesh_shape=config.mesh_shape,
         cache_dir=config.features_dir or workdir / "features",
@@ -330,7 +330,7 @@ def run_probe(config: ml_collections.ConfigDict, workdir: str) -> dict:
         )
     best = max(rows, key=lambda row: row["val_acc"])  # the first (shallowest) on ties
     result = {
-        "checkpoint": str(config.checkpoint),
+        "init_from": str(config.init_from),
         "splits": specs,
         "num_train": len(train_labels),
         "labels_per_class": config.labels_per_class,
@@ -369,7 +369,7 @@ def plot_probe(result: dict, path: str | Path) -> Path:
         path,
         [row["layer"] for row in rows],
         series,
-        title=f"Linear probe accuracy by layer ({result['checkpoint']})",
+        title=f"Linear probe accuracy by layer ({result['init_from']})",
         xlabel="layer",
         ylabel="accuracy (%)",
         references=references,

@@ -170,7 +170,7 @@ def sample(
     top_k: int | None = None,
     top_p: float | None = None,
     length: int | None = None,
-) -> jax.Array:
+) -> np.ndarray:
     """Sample `num_samples` images (as ids) from the model.
 
     Args:
@@ -186,7 +186,7 @@ def sample(
       length: number of raster positions to fill (default: the whole image, n_positions).
 
     Returns:
-      int32 ids (B, length) without SOS; the first P are the prompt, unchanged.
+      int32 numpy ids (B, length) without SOS; the first P are the prompt, unchanged.
     """
     length = config.n_positions if length is None else int(length)
     if not 0 < length <= config.n_positions:
@@ -197,7 +197,7 @@ def sample(
     greedy = _check_options(config, temperature, top_k, top_p)
     prompt_len = prompt_BxP.shape[1]
     if prompt_len == length:
-        return jnp.asarray(prompt_BxP)
+        return prompt_BxP
     run = _compiled_sampler(
         config,
         num_samples,
@@ -209,7 +209,7 @@ def sample(
     )
     top_p_value = jnp.float32(1.0 if top_p is None else top_p)
     temperature_value = jnp.float32(1.0 if greedy else temperature)
-    return run(params, rng, jnp.asarray(prompt_BxP), temperature_value, top_p_value)
+    return np.asarray(run(params, rng, jnp.asarray(prompt_BxP), temperature_value, top_p_value))
 
 
 def _prompt_array(config: ModelConfig, prompt, num_samples: int, length: int) -> np.ndarray:
@@ -226,9 +226,9 @@ def _prompt_array(config: ModelConfig, prompt, num_samples: int, length: int) ->
         )
     if prompt.shape[1] > length:
         raise ValueError(f"prompt of {prompt.shape[1]} tokens is longer than length={length}")
-    if prompt.size and (prompt.min() < 0 or prompt.max() >= config.num_clusters):
+    if prompt.size and (prompt.min() < 0 or prompt.max() >= config.palette_size):
         raise ValueError(
-            f"prompt ids must lie in 0..{config.num_clusters - 1} (colour clusters, no SOS); "
+            f"prompt ids must lie in 0..{config.palette_size - 1} (colour palette, no SOS); "
             f"got [{prompt.min()}, {prompt.max()}]"
         )
     return prompt.astype(np.int32)
@@ -238,8 +238,8 @@ def _check_options(config: ModelConfig, temperature, top_k, top_p) -> bool:
     """Validate the sampling options; True when they amount to greedy decoding."""
     if temperature < 0:
         raise ValueError(f"temperature={temperature} must be >= 0 (0 is greedy)")
-    if top_k is not None and not 1 <= top_k <= config.num_clusters:
-        raise ValueError(f"top_k={top_k} must be in [1, {config.num_clusters}]")
+    if top_k is not None and not 1 <= top_k <= config.palette_size:
+        raise ValueError(f"top_k={top_k} must be in [1, {config.palette_size}]")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p={top_p} must be in (0, 1]")
     return temperature == 0 or top_k == 1
@@ -283,12 +283,10 @@ def sample_batched(
         padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - len(chunk), 0)])
         tic = time.perf_counter()
         key = rng if len(starts) == 1 else jax.random.fold_in(rng, i)
-        ids = sample(
-            config, params, key, num_samples=batch_size, prompt=padded, **options
-        ).block_until_ready()
+        ids = sample(config, params, key, num_samples=batch_size, prompt=padded, **options)
         new_tokens = batch_size * (length - chunk.shape[1])
         bar.set_postfix(tokens_per_s=f"{new_tokens / (time.perf_counter() - tic):.0f}")
-        pieces.append(np.asarray(ids)[: len(chunk)])
+        pieces.append(ids[: len(chunk)])
     return np.concatenate(pieces)
 
 

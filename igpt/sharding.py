@@ -1,9 +1,10 @@
-"""Device mesh and the rule table that maps the model's logical axes onto it.
+"""Device mesh, and the rules that map the model's logical axes onto it.
 
 The mesh has three axes: "data" (pure data parallelism: parameters replicated), "fsdp"
 (data parallelism with parameters and optimizer state split along their "embed" axis) and
 "tensor" (attention heads and MLP columns split across devices). The batch is split over
-data x fsdp.
+data x fsdp. The rules are data (a run config's `sharding_rules`), applied by flax's own
+logical-partitioning functions, as in the flax lm1b example.
 """
 
 from __future__ import annotations
@@ -14,13 +15,15 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 from flax import linen as nn
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from igpt.model import param_shapes
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
-# logical axis -> mesh axis (None: replicated). Axes not listed are replicated.
-RULES: tuple[tuple[str, str | None], ...] = (
+# logical axis -> mesh axis or axes (None: replicated). Axes not listed are replicated.
+DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", BATCH_AXES),
     ("embed", "fsdp"),
     ("heads", "tensor"),
@@ -31,15 +34,20 @@ RULES: tuple[tuple[str, str | None], ...] = (
     ("classes", None),
 )
 
+Rules = Sequence[tuple[str, str | Sequence[str] | None]]
+
 
 def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh; one entry of `shape` may be -1 for "all remaining"."""
+    """A (data, fsdp, tensor) mesh in a topology-aware device order (`jax.make_mesh`); one
+    entry of `shape` may be -1 for "all remaining devices"."""
     devices = list(jax.devices() if devices is None else devices)
     shape = list(shape)
     if len(shape) != len(MESH_AXES):
         raise ValueError(f"mesh shape {shape} must give sizes for {MESH_AXES}")
     if shape.count(-1) > 1:
         raise ValueError(f"mesh shape {shape}: at most one axis may be -1")
+    if any(s < 1 and s != -1 for s in shape):
+        raise ValueError(f"mesh shape {shape}: sizes must be positive (or -1 for the rest)")
     known = math.prod(s for s in shape if s != -1)
     if -1 in shape:
         if len(devices) % known:
@@ -50,31 +58,64 @@ def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None)
             f"mesh shape {dict(zip(MESH_AXES, shape, strict=True))} needs {math.prod(shape)} "
             f"devices but {len(devices)} are available; use -1 for one axis to take the rest"
         )
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+    # Auto axes: shardings are propagated by the compiler (explicit sharding-in-types is
+    # jax.make_mesh's default, which igpt's steps are not written for).
+    return jax.make_mesh(shape, MESH_AXES, (AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
-def _spec_for(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
-    """Partition spec for one array; a dimension that the mesh axes don't divide is replicated."""
-    rules = dict(RULES)
-    spec = []
-    for name, size in zip(names, shape, strict=True):
-        axes = rules.get(name) if name else None
-        axes_tuple = (axes,) if isinstance(axes, str) else tuple(axes or ())
-        width = math.prod(mesh.shape[a] for a in axes_tuple)
-        spec.append(axes if axes_tuple and size % width == 0 and width > 1 else None)
-    return PartitionSpec(*spec)
+def _rules(rules: Rules | None) -> tuple:
+    rules = DEFAULT_RULES if rules is None else rules
+    return tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in rules)
 
 
-def tree_shardings(boxed_shapes, mesh: Mesh):
-    """NamedShardings for a tree of logically-boxed shapes (e.g. `igpt.param_shapes(config)`,
-    or an optimizer state built from them); unboxed leaves are replicated."""
+def tree_shardings(boxed_shapes, mesh: Mesh, rules: Rules | None = None):
+    """NamedShardings for a tree of logically-boxed shapes (`igpt.param_shapes(config)`, or
+    an optimizer state built from boxed parameters); unboxed leaves are replicated.
 
-    def one(leaf):
-        if isinstance(leaf, nn.LogicallyPartitioned):
-            return NamedSharding(mesh, _spec_for(leaf.names, leaf.value.shape, mesh))
-        return NamedSharding(mesh, PartitionSpec())
+    A dimension that its mesh axes do not divide is replicated instead (e.g. a 17-colour
+    vocabulary over 2 devices), so any model runs on any mesh.
+    """
+    specs = nn.get_partition_spec(boxed_shapes)
+    shardings = nn.logical_to_mesh_sharding(specs, mesh, _rules(rules))
+    shapes = nn.meta.unbox(boxed_shapes)
+    return jax.tree.map(_divisible, shardings, shapes)
 
-    return jax.tree.map(one, boxed_shapes, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+def _divisible(sharding: NamedSharding, shape) -> NamedSharding:
+    spec, dims = [], shape.shape
+    padded = tuple(sharding.spec) + (None,) * (len(dims) - len(sharding.spec))
+    for axes, size in zip(padded, dims, strict=True):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        width = math.prod(sharding.mesh.shape[a] for a in names)
+        spec.append(axes if names and width > 1 and size % width == 0 else None)
+    return NamedSharding(sharding.mesh, PartitionSpec(*spec))
+
+
+def param_shardings(config, mesh: Mesh, rules: Rules | None = None):
+    """NamedShardings of a model's parameters (`config` is an `igpt.ModelConfig`)."""
+    return tree_shardings(param_shapes(config), mesh, rules)
+
+
+def abstract(shapes, shardings):
+    """`jax.ShapeDtypeStruct`s carrying `shardings`: a restore target that allocates nothing."""
+    return jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
+    )
+
+
+def abstract_params(config, shardings):
+    """The parameters of a model (`config`, an `igpt.ModelConfig`) as a restore target."""
+    return abstract(nn.meta.unbox(param_shapes(config)), shardings)
+
+
+def place(params, shardings):
+    """Put a parameter tree (host or device arrays) into `shardings`.
+
+    Through host memory: every process holds the whole tree and places its own shards, which
+    works the same for one process or many (a device-to-device put onto a mesh spanning
+    several processes would need cross-host transfers).
+    """
+    return jax.device_put(jax.device_get(params), shardings)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -11,9 +11,9 @@ in raster order, with no start-of-sequence token. The preprocessing follows tran
 4. pick the cluster with the smallest squared distance, the lowest id on an exact tie.
 
 Step 4 is exact (float64 distances), where the processor computes `|a|^2 - 2ab + |b|^2` in
-float32, so the two can disagree only where two clusters are equidistant within float32
+float32, so the two can disagree only where two palette are equidistant within float32
 rounding. Because resized pixels are uint8, the nearest cluster of every one of the 2^24
-colours is tabulated once per palette (about a second for 512 clusters, 32 MiB) and encoding
+colours is tabulated once per palette (about a second for 512 palette, 32 MiB) and encoding
 is then a table look-up.
 """
 
@@ -26,141 +26,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+
+from igpt.pixels import PIXEL_LEVELS, as_size, prepare_images
 
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
 DEFAULT_SIZE = (32, 32)  # the released models' resolution
-
-
-def _pixel_levels() -> np.ndarray:
-    u = np.arange(256, dtype=np.float64)
-    # The processor rescales in float64, casts to float32, then normalises with float32 mean
-    # and std 0.5; for half of the 256 levels this differs by one ulp from float32(u/127.5 - 1).
-    v = (u * (1 / 255)).astype(np.float32)
-    return (v - np.float32(0.5)) / np.float32(0.5)
-
-
-PIXEL_LEVELS = _pixel_levels()  # (256,) float32: uint8 value -> model-space value in [-1, 1]
-
-
-def pixel_values(images: np.ndarray) -> np.ndarray:
-    """uint8 pixels -> float32 values in [-1, 1], exactly as the transformers processor scales."""
-    images = np.asarray(images)
-    if images.dtype != np.uint8:
-        raise TypeError(f"pixel_values expects uint8 pixels, got dtype {images.dtype}")
-    return PIXEL_LEVELS[images]
-
-
-# ----------------------------------------------------------------------------------------------
-# Images -> RGB uint8 arrays at a given size
-
-
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open an image file fully (so a truncated file fails here), upright per its EXIF tag."""
-    with Image.open(path) as image:
-        image.load()
-        return ImageOps.exif_transpose(image)
-
-
-def to_rgb(image: Image.Image | np.ndarray) -> np.ndarray:
-    """A PIL image or an integer array (H, W), (H, W, 1|3|4) or (N, H, W, 1|3|4) -> uint8 RGB.
-
-    Greyscale is replicated to three channels; an alpha channel (or a palette transparency) is
-    composited onto white, as the transformers processor does with `do_convert_rgb=True`.
-    """
-    if isinstance(image, Image.Image):
-        if "A" in image.getbands() or image.info.get("transparency") is not None:
-            rgba = image.convert("RGBA")
-            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            image = Image.alpha_composite(white, rgba)
-        return np.asarray(image.convert("RGB"))
-    array = _as_uint8(image)
-    if array.ndim == 2:
-        array = array[..., None]
-    channels = array.shape[-1]
-    if array.ndim not in (3, 4) or channels not in (1, 3, 4):
-        raise ValueError(
-            f"expected an image of shape (H, W), (H, W, C) or a batch (N, H, W, C) with C in "
-            f"1, 3, 4; got shape {array.shape}. A batch of greyscale images needs a trailing "
-            "channel axis: (N, H, W, 1)."
-        )
-    if channels == 1:
-        return np.repeat(array, 3, axis=-1)
-    if channels == 4:
-        alpha = array[..., 3:] / 255.0
-        return np.round(alpha * array[..., :3] + (1.0 - alpha) * 255.0).astype(np.uint8)
-    return array
-
-
-def _as_uint8(array: np.ndarray) -> np.ndarray:
-    array = np.asarray(array)
-    if array.dtype == np.uint8:
-        return array
-    if not np.issubdtype(array.dtype, np.integer):
-        raise TypeError(
-            f"expected uint8 pixels in 0..255, got dtype {array.dtype}. Convert floats in [0, 1] "
-            "with `np.rint(x * 255).astype(np.uint8)`."
-        )
-    if array.size and (array.min() < 0 or array.max() > 255):
-        raise ValueError(
-            f"integer pixels must lie in 0..255, got [{array.min()}, {array.max()}]; "
-            "rescale to 8 bits first"
-        )
-    return array.astype(np.uint8)
-
-
-def as_size(size: int | Sequence[int]) -> tuple[int, int]:
-    """An int or (height, width) -> (height, width), checked positive."""
-    height, width = (size, size) if isinstance(size, (int, np.integer)) else tuple(size)
-    if height < 1 or width < 1:
-        raise ValueError(f"size must be positive (height, width), got {size!r}")
-    return int(height), int(width)
-
-
-def resize(image: np.ndarray, size: int | Sequence[int]) -> np.ndarray:
-    """uint8 (H, W, 3) -> uint8 (height, width, 3) with PIL bilinear, as the processor resizes.
-
-    An image that already has the target size is returned unchanged (PIL would copy it).
-    """
-    height, width = as_size(size)
-    if image.shape[:2] == (height, width):
-        return image
-    resized = Image.fromarray(image).resize((width, height), resample=Image.Resampling.BILINEAR)
-    return np.asarray(resized)
-
-
-def prepare_images(images, size: int | Sequence[int]) -> np.ndarray:
-    """Any supported image input -> a uint8 batch (B, height, width, 3), ready to look up.
-
-    `images` is a PIL image, a path, an integer array (H, W), (H, W, 1|3|4) or (N, H, W, 1|3|4),
-    or a list of single images (PIL images, paths, arrays). A batch array of the target size
-    goes through without touching PIL.
-    """
-    size = as_size(size)
-    if isinstance(images, np.ndarray) and images.ndim == 4:
-        batch = to_rgb(images)
-        if batch.shape[1:3] == size:
-            return batch
-        return np.stack([resize(image, size) for image in batch])
-    if not isinstance(images, (list, tuple)):
-        images = [images]
-    if not images:
-        raise ValueError("no images given: pass at least one image")
-    return np.stack([resize(_single_rgb(image), size) for image in images])
-
-
-def _single_rgb(image) -> np.ndarray:
-    if isinstance(image, (str, os.PathLike)):
-        return to_rgb(load_image(image))
-    if isinstance(image, Image.Image):
-        return to_rgb(image)
-    array = np.asarray(image)
-    if array.ndim not in (2, 3):
-        raise ValueError(
-            f"a list element must be one image of shape (H, W) or (H, W, C), got shape "
-            f"{array.shape}; pass a batch as one (N, H, W, C) array instead of inside a list"
-        )
-    return to_rgb(array)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -170,17 +40,17 @@ _CELL = 8  # side of the colour cells, in uint8 steps; 32^3 cells of 8^3 colours
 _ENCODE_CHUNK = 2**18  # pixels looked up at a time
 
 
-def nearest_cluster_table(clusters: np.ndarray) -> np.ndarray:
+def nearest_colour_table(palette: np.ndarray) -> np.ndarray:
     """The nearest cluster of every uint8 colour, indexed by `r << 16 | g << 8 | b`.
 
-    Distances are squared Euclidean in float64 between `PIXEL_LEVELS` values and the clusters;
+    Distances are squared Euclidean in float64 between `PIXEL_LEVELS` values and the palette;
     ties go to the lowest id, as `argmin` does. The colour cube is cut into 8^3-colour cells.
     Some cluster is within distance U of every colour of a cell, U being the smallest over
-    clusters of their largest distance to the cell; so a cluster whose smallest distance to the
+    palette of their largest distance to the cell; so a cluster whose smallest distance to the
     cell exceeds U is never nearest there. Only the remaining candidates (about 3 to 7 per cell
-    for 512 clusters) are compared, exactly, colour by colour.
+    for 512 palette) are compared, exactly, colour by colour.
     """
-    centres = np.asarray(clusters, np.float64)
+    centres = np.asarray(palette, np.float64)
     n = 256 // _CELL
     candidates = _cell_candidates(centres.astype(np.float32), n)  # (n, n, n, K) bool
     counts = candidates.sum(-1).reshape(-1)
@@ -218,7 +88,7 @@ def nearest_cluster_table(clusters: np.ndarray) -> np.ndarray:
 
 
 def _cell_candidates(centres: np.ndarray, n: int) -> np.ndarray:
-    """(n, n, n, K) bool: clusters that may be nearest to some colour of each cell."""
+    """(n, n, n, K) bool: palette that may be nearest to some colour of each cell."""
     first = PIXEL_LEVELS[np.arange(n) * _CELL][:, None]  # (n, 1) low edge of each cell
     last = PIXEL_LEVELS[np.arange(n) * _CELL + _CELL - 1][:, None]
     near, far = [], []  # per channel (n, K): smallest / largest squared distance along it
@@ -243,29 +113,29 @@ class ColorTokenizer:
     """Maps images to colour-cluster ids and back.
 
     Args:
-      clusters: (K, 3) colour clusters in [-1, 1] (K = 512 for the released models).
+      palette: (K, 3) colour palette in [-1, 1] (K = 512 for the released models).
       size: default (height, width) that `encode` resizes to and `decode` expects.
     """
 
-    def __init__(self, clusters, size: int | Sequence[int] = DEFAULT_SIZE):
-        self._clusters = _validate_clusters(clusters)
-        self._clusters.setflags(write=False)
+    def __init__(self, palette, size: int | Sequence[int] = DEFAULT_SIZE):
+        self._palette = _validate_palette(palette)
+        self._palette.setflags(write=False)
         self.size = as_size(size)
         self._table: np.ndarray | None = None
         self._lock = threading.Lock()
 
     @property
-    def clusters(self) -> np.ndarray:
-        """(K, 3) float32 colour clusters in [-1, 1] (read-only)."""
-        return self._clusters
+    def palette(self) -> np.ndarray:
+        """(K, 3) float32 colour palette in [-1, 1] (read-only)."""
+        return self._palette
 
     @property
-    def num_clusters(self) -> int:
-        """K, the number of colour clusters (ids run 0..K-1)."""
-        return len(self._clusters)
+    def palette_size(self) -> int:
+        """K, the number of colour palette (ids run 0..K-1)."""
+        return len(self._palette)
 
     def __repr__(self) -> str:
-        return f"ColorTokenizer(num_clusters={self.num_clusters}, size={self.size})"
+        return f"ColorTokenizer(palette_size={self.palette_size}, size={self.size})"
 
     # -- files -----------------------------------------------------------------------------
 
@@ -273,7 +143,7 @@ class ColorTokenizer:
     def from_pretrained(cls, path: str | os.PathLike) -> ColorTokenizer:
         """Read a transformers `preprocessor_config.json` (the file, or a directory holding it).
 
-        Uses its `clusters` and, when present, its `size`.
+        Uses its `palette` and, when present, its `size`.
         """
         path = Path(path)
         file = path / PREPROCESSOR_CONFIG if path.is_dir() else path
@@ -285,8 +155,8 @@ class ColorTokenizer:
         config = json.loads(file.read_text())
         if "clusters" not in config:
             raise ValueError(
-                f"{file} has no 'clusters' entry; it is not an ImageGPT preprocessor config "
-                "(it needs a K x 3 list of colour clusters)"
+                f"{file} has no 'palette' entry; it is not an ImageGPT preprocessor config "
+                "(it needs a K x 3 list of colour palette)"
             )
         size = config.get("size") or {}
         if "height" in size and "width" in size:
@@ -299,8 +169,8 @@ class ColorTokenizer:
         return cls(np.load(path), size=size)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the clusters as a (K, 3) float32 `.npy` file (readable by `from_npy`)."""
-        np.save(path, self._clusters)
+        """Write the palette as a (K, 3) float32 `.npy` file (readable by `from_npy`)."""
+        np.save(path, self._palette)
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write a transformers-compatible `preprocessor_config.json` into `directory`.
@@ -311,7 +181,7 @@ class ColorTokenizer:
         directory.mkdir(parents=True, exist_ok=True)
         config = {
             "image_processor_type": "ImageGPTImageProcessor",
-            "clusters": self._clusters.tolist(),
+            "clusters": self._palette.tolist(),
             "do_color_quantize": True,
             "do_normalize": True,
             "do_resize": True,
@@ -376,12 +246,12 @@ class ColorTokenizer:
                 f"ids of shape {ids.shape} do not hold {height}x{width} images; pass the "
                 "matching `size=(height, width)`"
             )
-        if ids.size and (ids.min() < 0 or ids.max() >= self.num_clusters):
+        if ids.size and (ids.min() < 0 or ids.max() >= self.palette_size):
             raise ValueError(
-                f"ids must lie in 0..{self.num_clusters - 1} (colour clusters), got "
+                f"ids must lie in 0..{self.palette_size - 1} (colour palette), got "
                 f"[{ids.min()}, {ids.max()}]; strip any start-of-sequence token first"
             )
-        colours = np.rint(127.5 * (self._clusters.astype(np.float64) + 1.0))
+        colours = np.rint(127.5 * (self._palette.astype(np.float64) + 1.0))
         colours = np.clip(colours, 0, 255).astype(np.uint8)
         return colours[ids].reshape(len(ids), height, width, 3)
 
@@ -391,34 +261,34 @@ class ColorTokenizer:
         if self._table is None:
             with self._lock:
                 if self._table is None:
-                    self._table = nearest_cluster_table(self._clusters)
+                    self._table = nearest_colour_table(self._palette)
         return self._table
 
     # The table is a cache: worker processes rebuild it instead of receiving 32 MiB each.
     def __getstate__(self):
-        return {"clusters": self._clusters, "size": self.size}
+        return {"palette": self._palette, "size": self.size}
 
     def __setstate__(self, state):
-        self.__init__(state["clusters"], size=state["size"])
+        self.__init__(state["palette"], size=state["size"])
 
 
-def _validate_clusters(clusters) -> np.ndarray:
+def _validate_palette(palette) -> np.ndarray:
     try:
-        array = np.array(clusters, dtype=np.float32)
+        array = np.array(palette, dtype=np.float32)
     except (TypeError, ValueError) as error:
         raise ValueError(
-            f"clusters must be a (K, 3) array of numbers, got {type(clusters).__name__} ({error})"
+            f"palette must be a (K, 3) array of numbers, got {type(palette).__name__} ({error})"
         ) from None
     if array.ndim != 2 or array.shape[1] != 3 or len(array) == 0:
         raise ValueError(
-            f"clusters must have shape (K, 3) with K >= 1 (one RGB colour per row), got "
+            f"palette must have shape (K, 3) with K >= 1 (one RGB colour per row), got "
             f"{array.shape}"
         )
     if not np.all(np.isfinite(array)):
-        raise ValueError("clusters contain NaN or infinite values")
+        raise ValueError("palette contain NaN or infinite values")
     if array.min() < -1 or array.max() > 1:
         raise ValueError(
-            f"clusters must lie in [-1, 1] (pixel values x/127.5 - 1), got "
+            f"palette must lie in [-1, 1] (pixel values x/127.5 - 1), got "
             f"[{array.min():.4g}, {array.max():.4g}]; for colours in 0..255 use c/127.5 - 1"
         )
     return array

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import igpt
-from igpt import benchmark
+from benchmarks import bench as benchmark
+from igpt.flops import forward_flops
 
 TINY_ARGS = ["--d", "32", "--layers", "1", "--heads", "2", "--side", "4", "--batch", "2"]
 TINY_ARGS += ["--sample-batch", "3", "--images", "8", "--repeats", "1"]
@@ -40,7 +41,7 @@ def test_harness_reports_every_mode(capsys, tmp_path, vs_hf):
     } | {("tokenize", 8, i) for i in impls}
     assert {(r["mode"], r["batch"], r["impl"]) for r in cases} == expected
     config = igpt.ModelConfig(n_embd=32, n_layer=1, n_head=2, n_positions=16)
-    per_sequence = benchmark.forward_flops(config, 16)
+    per_sequence = forward_flops(config, 16)
     passes = {"forward": 1, "train": 3, "sample": 1}
     for r in cases:
         assert r["per_s"] > 0 and r["median_s"] >= r["best_s"] > 0 and r["warmup_s"] > 0
@@ -84,11 +85,11 @@ def test_flop_count_matches_the_model_shapes():
     kernel_scalars = sum(int(np.prod(k.value.shape)) for k in kernels)
     for length in (1, 17, 36):
         attention = sum(4 * 48 * 3 * (p + 1) for p in range(length))
-        assert benchmark.forward_flops(config, length) == 2 * kernel_scalars * length + attention
+        assert forward_flops(config, length) == 2 * kernel_scalars * length + attention
 
 
 def test_transformers_twin_has_the_same_weights():
-    from igpt import benchmark_hf
+    from benchmarks import hf as benchmark_hf
 
     config = igpt.ModelConfig(n_embd=32, n_layer=2, n_head=4, n_positions=16)
     params = benchmark.benchmark_params(config)

@@ -1,8 +1,6 @@
 """The converter against transformers' PyTorch ImageGPT: parity, round trips, bad checkpoints."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -10,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import run_script
 from reference_models import random_hf_model, random_igpt_params
 from safetensors.numpy import load_file, save_file
 from transformers import ImageGPTForCausalImageModeling, ImageGPTForImageClassification
@@ -39,8 +38,8 @@ def _ids(n_positions, batch=2, seed=0, sos=True):
 def test_causal_lm_matches_transformers(tmp_path, fields):
     hf = random_hf_model(seed=len(fields), **fields)
     hf.save_pretrained(tmp_path)
-    config, params, clusters = igpt.load_hf(tmp_path)
-    assert clusters is None and config.use_bias
+    config, params, palette = igpt.load_hf(tmp_path)
+    assert palette is None and config.use_bias
 
     ids = _ids(fields["n_positions"])
     with torch.no_grad():
@@ -78,16 +77,16 @@ def _tensors(directory):
 def test_transformers_igpt_transformers_round_trip_is_exact(tmp_path, num_labels):
     hf = random_hf_model(seed=5, num_labels=num_labels, n_inner=100)
     hf.save_pretrained(tmp_path / "a")
-    clusters = np.random.default_rng(0).uniform(-1, 1, (512, 3)).astype(np.float32)
+    palette = np.random.default_rng(0).uniform(-1, 1, (512, 3)).astype(np.float32)
     config, params, _ = igpt.load_hf(tmp_path / "a")
-    igpt.save_hf(config, params, tmp_path / "b", clusters=clusters)
+    igpt.save_hf(config, params, tmp_path / "b", palette=palette)
 
     before, after = _tensors(tmp_path / "a"), _tensors(tmp_path / "b")
     assert sorted(before) == sorted(after)
     for key in before:
         np.testing.assert_array_equal(before[key], after[key], err_msg=key)
-    _, _, clusters_back = igpt.load_hf(tmp_path / "b")
-    np.testing.assert_array_equal(clusters_back, clusters)
+    _, _, palette_back = igpt.load_hf(tmp_path / "b")
+    np.testing.assert_array_equal(palette_back, palette)
 
     cls = ImageGPTForImageClassification if num_labels else ImageGPTForCausalImageModeling
     reloaded = cls.from_pretrained(tmp_path / "b").eval()
@@ -168,55 +167,27 @@ def test_igpt_model_exports_to_transformers_with_same_predictions(tmp_path):
     # An igpt-trained model has no biases; transformers gets zero biases and the same function.
     config = igpt.ModelConfig(n_embd=32, n_layer=2, n_head=2, n_positions=25, num_labels=3)
     params = random_igpt_params(config)
-    igpt.save_hf(config, params, tmp_path)
-    hf = ImageGPTForImageClassification.from_pretrained(tmp_path).eval()
+    igpt.save_hf(config, params, tmp_path / "hf")
+    hf = ImageGPTForImageClassification.from_pretrained(tmp_path / "hf").eval()
     ids = _ids(25, batch=4, sos=False)
     out = igpt.ImageGPT(config).apply({"params": params}, jnp.asarray(ids))
     with torch.no_grad():
         ref = hf(torch.tensor(ids)).logits.numpy()
     np.testing.assert_allclose(out.class_logits, ref, atol=1e-4)
-    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == [
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == [
         "ImageGPTForImageClassification"
     ]
-
-
-def test_model_directory_round_trip_and_atomic_overwrite(tmp_path):
-    config = igpt.ModelConfig(n_embd=32, n_layer=2, n_head=2, n_positions=16)
-    params = random_igpt_params(config)
-    clusters = np.linspace(-1, 1, 512 * 3, dtype=np.float32).reshape(512, 3)
-    igpt.save_model(tmp_path / "m", config, params, clusters)
-    with pytest.raises(FileExistsError):
-        igpt.save_model(tmp_path / "m", config, params)
-    config2, params2, clusters2 = igpt.load_model(tmp_path / "m")
-    assert config2 == config
-    np.testing.assert_array_equal(clusters2, clusters)
-    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params2), strict=True):
-        np.testing.assert_array_equal(a, b)
-    igpt.save_model(tmp_path / "m", config, params, overwrite=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no staging dirs left behind
-
-
-def test_model_directory_with_wrong_config_is_a_clear_error(tmp_path):
-    config = igpt.ModelConfig(n_embd=32, n_layer=2, n_head=2, n_positions=16)
-    igpt.save_model(tmp_path / "m", config, random_igpt_params(config))
-    config.replace(n_embd=64).save(tmp_path / "m" / "config.json")
-    with pytest.raises(ValueError, match="do not match"):
-        igpt.load_model(tmp_path / "m")
 
 
 def test_convert_cli_both_ways(tmp_path):
     hf = random_hf_model(seed=9)
     hf.save_pretrained(tmp_path / "hf")
-    run = [sys.executable, str(ROOT / "scripts" / "convert.py")]
-    subprocess.run([*run, "--from-hf", tmp_path / "hf", "--out", tmp_path / "ig"], check=True)
-    subprocess.run([*run, "--to-hf", tmp_path / "ig", "--out", tmp_path / "back"], check=True)
+    for way, src, out in (("from_hf", "hf", "ig"), ("to_hf", "ig", "back")):
+        result = run_script("convert", f"--{way}={tmp_path / src}", f"--out={tmp_path / out}")
+        assert result.returncode == 0, result.stderr
     before, after = _tensors(tmp_path / "hf"), _tensors(tmp_path / "back")
     for key in before:
         np.testing.assert_array_equal(before[key], after[key], err_msg=key)
-    bad = subprocess.run(
-        [*run, "--from-hf", tmp_path / "nope", "--out", tmp_path / "x"],
-        capture_output=True,
-        text=True,
-    )
+    bad = run_script("convert", f"--from_hf={tmp_path / 'nope'}", f"--out={tmp_path / 'x'}")
     assert bad.returncode == 1 and "Traceback" not in bad.stderr
     assert "not a directory of a transformers ImageGPT checkpoint" in bad.stderr

@@ -30,8 +30,8 @@ warnings.filterwarnings("ignore", message=".*requires torchvision.*")
 @pytest.fixture(scope="module")
 def tokenizer():
     """A small random palette at 8x8, so tokens stay cheap."""
-    clusters = np.random.default_rng(0).uniform(-1, 1, (16, 3)).astype(np.float32)
-    return ColorTokenizer(clusters, size=(8, 8))
+    palette = np.random.default_rng(0).uniform(-1, 1, (16, 3)).astype(np.float32)
+    return ColorTokenizer(palette, size=(8, 8))
 
 
 def _numbered_source(n, size=8, seed=0):
@@ -201,8 +201,8 @@ def test_npz_source(tmp_path):
 def test_tfds_cifar10_mock_through_sources_and_eval_pipeline():
     """tfds:cifar10 reads through tfds.data_source without TensorFlow; our slices work on the
     mock (which ignores tfds slicing); eval batches hold the processor's ids for each record."""
-    clusters = np.random.default_rng(4).uniform(-1, 1, (512, 3)).astype(np.float32)
-    tokenizer = ColorTokenizer(clusters)
+    palette = np.random.default_rng(4).uniform(-1, 1, (512, 3)).astype(np.float32)
+    tokenizer = ColorTokenizer(palette)
     with tfds.testing.mock_data(num_examples=20):
         raw = tfds.data_source("cifar10", split="train")
         source = open_source("tfds:cifar10:train")
@@ -214,7 +214,7 @@ def test_tfds_cifar10_mock_through_sources_and_eval_pipeline():
         assert record["label"] == int(raw[7]["label"]) and record["image"].shape == (32, 32, 3)
         batches = list(eval_dataset(source, tokenizer, global_batch_size=8, process_count=1))
         images = [raw[i]["image"] for i in range(20)]
-    processor = ImageGPTImageProcessor(clusters=clusters.tolist(), size={"height": 32, "width": 32})
+    processor = ImageGPTImageProcessor(clusters=palette.tolist(), size={"height": 32, "width": 32})
     expected = np.stack(processor(images, return_tensors="np")["input_ids"])
     tokens = np.concatenate([b["tokens"] for b in batches])
     mask = np.concatenate([b["mask"] for b in batches])
@@ -225,8 +225,8 @@ def test_tfds_cifar10_mock_through_sources_and_eval_pipeline():
 def test_tfds_imagenet32_mock_through_train_pipeline():
     """The same pipeline code runs over imagenet_resized/32x32 with the ImageNet crop, at a
     smaller model resolution, deterministically."""
-    clusters = np.random.default_rng(5).uniform(-1, 1, (32, 3)).astype(np.float32)
-    tokenizer = ColorTokenizer(clusters, size=(16, 16))
+    palette = np.random.default_rng(5).uniform(-1, 1, (32, 3)).astype(np.float32)
+    tokenizer = ColorTokenizer(palette, size=(16, 16))
     with tfds.testing.mock_data(num_examples=24):
         source = open_source("tfds:imagenet_resized/32x32:train")
         assert source[0]["image"].shape == (32, 32, 3)

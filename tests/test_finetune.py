@@ -1,36 +1,25 @@
-"""Fine-tuning on the embedded digits: learning, the best model, early stopping, exact resume,
-and the transformers export."""
+"""Fine-tuning end to end on the embedded digits: learning, the best model, exact resume,
+early stopping, the transformers export, clear errors."""
 
 import json
 import shutil
-import subprocess
-import sys
-from pathlib import Path
-from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import GREYS, config_from, flags, run_script
 
 import igpt
-from igpt.checkpointing import latest_step, load_workdir
-from igpt.cli import apply_override, load_config
 from igpt.data import open_source
-from igpt.finetune import finetune
-from igpt.pretrain import load_init_params
-from igpt.run_config import build_model_config
-from igpt.sharding import make_mesh, tree_shardings
+from igpt.loading import read_model_config
+from igpt.train.checkpoints import latest_step
+from igpt.train.finetune import finetune
+from igpt.train.loop import load_init_params, setup
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = igpt.ModelConfig(n_embd=32, n_layer=2, n_head=2, n_inner=128, n_positions=64, vocab_size=17)
-GREYS = np.repeat(np.linspace(-1, 1, 16, dtype=np.float32)[:, None], 3, axis=1)
 SMALL = {
-    "model.n_embd": "32",
-    "model.n_layer": "2",
-    "model.n_head": "2",
-    "model.n_inner": "128",
-    "data.eval": "digits:train[1100:]",
+    "data.val": "digits:train[1100:]",
     "data.test": "digits:test[:200]",
     "batch_size": "32",
     "num_steps": "80",
@@ -40,8 +29,6 @@ SMALL = {
     "optimizer.learning_rate": "5e-3",
     "optimizer.warmup_epochs": "0.1",
     "finetune.patience": "0",
-    "sample.num_samples": "2",  # the sample grids drawn at each evaluation: keep them cheap
-    "sample.num_completions": "1",
 }
 
 
@@ -57,10 +44,7 @@ def _overrides(pretrained, **changes):
 
 
 def _config(pretrained, **changes):
-    config = load_config(str(ROOT / "configs" / "finetune.py"))
-    for key, value in _overrides(pretrained, **changes).items():
-        apply_override(config, key, value)
-    return config
+    return config_from("finetune.py", _overrides(pretrained, **changes))
 
 
 def _val_examples(count=None):
@@ -73,8 +57,9 @@ def _val_examples(count=None):
 
 def _igpt_class_logits(model_dir, images):
     """Class logits of an igpt model dir computed directly (no data pipeline, no trainer)."""
-    config, params, clusters = igpt.load_model(model_dir)
-    tokens = igpt.ColorTokenizer(clusters, size=8).encode(images)
+    model = igpt.load_model(model_dir)
+    config, params = model.config, model.params
+    tokens = igpt.ColorTokenizer(model.palette, size=8).encode(images)
     ids = np.concatenate([np.full((len(tokens), 1), config.sos_id), tokens[:, :-1]], axis=1)
     out = igpt.ImageGPT(config).apply({"params": params}, jnp.asarray(ids, jnp.int32))
     return np.asarray(out.class_logits), ids
@@ -84,12 +69,8 @@ def _igpt_class_logits(model_dir, images):
 def straight_run(pretrained, tmp_path_factory):
     """80 steps through the command line, evaluating every 20."""
     workdir = tmp_path_factory.mktemp("straight")
-    flags = [f"--config.{k}={v}" for k, v in _overrides(pretrained).items()]
-    result = subprocess.run(
-        [sys.executable, "scripts/finetune.py", "--config", "configs/finetune.py",
-         "--workdir", str(workdir), *flags],
-        cwd=ROOT, capture_output=True, text=True,
-    )  # fmt: skip
+    result = run_script("finetune", "--config=configs/finetune.py", f"--workdir={workdir}",
+                        *flags(_overrides(pretrained)))  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     return workdir, result.stdout
 
@@ -124,8 +105,8 @@ def test_resume_after_a_crash_equals_one_run(pretrained, straight_run, tmp_path)
     assert results == json.loads((workdir / "results.json").read_text()) | {
         "best_model": str(tmp_path / "best")
     }
-    last = (load_workdir(tmp_path)[1], load_workdir(workdir)[1])
-    best = (igpt.load_model(tmp_path / "best")[1], igpt.load_model(workdir / "best")[1])
+    last = (igpt.load_model(tmp_path).params, igpt.load_model(workdir).params)
+    best = (igpt.load_model(tmp_path / "best").params, igpt.load_model(workdir / "best").params)
     for ours, theirs in (last, best):
         for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
             np.testing.assert_array_equal(a, b)
@@ -155,8 +136,9 @@ def test_transformers_export_predicts_the_same_classes(straight_run, tmp_path):
     from transformers import ImageGPTForImageClassification
 
     workdir, _ = straight_run
-    config, params, clusters = igpt.load_model(workdir / "best")
-    igpt.save_hf(config, params, tmp_path / "hf", clusters)
+    best = igpt.load_model(workdir / "best")
+    params = best.params
+    igpt.save_hf(best.config, params, tmp_path / "hf", best.palette)
     model = ImageGPTForImageClassification.from_pretrained(tmp_path / "hf").eval()
 
     images, _ = _val_examples(64)
@@ -169,11 +151,9 @@ def test_transformers_export_predicts_the_same_classes(straight_run, tmp_path):
 
     # The export is itself a valid init_from for a run config, which stores the MLP width
     # explicitly where transformers' config says n_inner=None.
-    run_config = build_model_config(_config(workdir, **{"model.use_bias": "True"}))
-    shardings = SimpleNamespace(
-        params=tree_shardings(igpt.param_shapes(run_config), make_mesh((-1, 1, 1)))
-    )
-    loaded = load_init_params(str(tmp_path / "hf"), run_config, shardings)
+    config = _config(tmp_path / "hf")
+    run = setup(config, tmp_path / "run", base_model=read_model_config(tmp_path / "hf"))
+    loaded = load_init_params(run)
     np.testing.assert_array_equal(loaded["score"]["kernel"], params["score"]["kernel"])
 
 

@@ -2,20 +2,19 @@
 
 import functools
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_script
 from sklearn.cluster import KMeans
 from sklearn.datasets import load_sample_images
 from transformers import ImageGPTImageProcessor
 
 from igpt.data import ArraySource, open_source
-from igpt.kmeans import fit_clusters, sample_pixels
-from igpt.tokenizer import PIXEL_LEVELS, ColorTokenizer, pixel_values
+from igpt.kmeans import fit_palette, sample_pixels
+from igpt.pixels import PIXEL_LEVELS, pixel_values
+from igpt.tokenizer import ColorTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,8 +27,8 @@ def _photo_pixels(count=20_000, seed=0):
     return pixel_values(photo[rng.choice(len(photo), count, replace=False)])
 
 
-def _true_inertia(pixels, clusters):
-    d = ((pixels[:, None].astype(np.float64) - clusters[None].astype(np.float64)) ** 2).sum(-1)
+def _true_inertia(pixels, palette):
+    d = ((pixels[:, None].astype(np.float64) - palette[None].astype(np.float64)) ** 2).sum(-1)
     return d.min(1).sum()
 
 
@@ -43,9 +42,9 @@ def test_recovers_known_centres():
             keep.append(i)
     centres = centres[keep]
     pixels = (np.repeat(centres, 400, 0) + rng.normal(0, 0.02, (12 * 400, 3))).astype(np.float32)
-    clusters, inertia = fit_clusters(pixels, 12, seed=1, verbose=False)
-    assert clusters.shape == (12, 3) and clusters.dtype == np.float32
-    gap = np.linalg.norm(centres[:, None] - clusters[None], axis=-1)
+    palette, inertia = fit_palette(pixels, 12, seed=1, verbose=False)
+    assert palette.shape == (12, 3) and palette.dtype == np.float32
+    gap = np.linalg.norm(centres[:, None] - palette[None], axis=-1)
     assert gap.min(1).max() < 0.01  # every true centre has a fitted one next to it
     assert gap.min(0).max() < 0.01  # and every fitted centre sits on a true one
     # 4,800 points with 3 * 0.02^2 expected squared distance each
@@ -53,44 +52,44 @@ def test_recovers_known_centres():
 
 
 def test_deterministic_for_a_seed():
-    """Same seed: identical clusters and inertia; another seed: a different palette."""
+    """Same seed: identical palette and inertia; another seed: a different palette."""
     pixels = _photo_pixels()
-    first = fit_clusters(pixels, 16, seed=3, verbose=False)
-    second = fit_clusters(pixels, 16, seed=3, verbose=False)
+    first = fit_palette(pixels, 16, seed=3, verbose=False)
+    second = fit_palette(pixels, 16, seed=3, verbose=False)
     np.testing.assert_array_equal(first[0], second[0])
     assert first[1] == second[1]
-    assert not np.array_equal(first[0], fit_clusters(pixels, 16, seed=4, verbose=False)[0])
+    assert not np.array_equal(first[0], fit_palette(pixels, 16, seed=4, verbose=False)[0])
 
 
 @pytest.mark.parametrize("k", [8, 48])
 def test_inertia_close_to_scikit_learn(k, capsys):
     """On photo pixels the inertia is within 5% of scikit-learn's KMeans (k-means++, Lloyd),
-    and the reported inertia is the true one of the returned clusters."""
+    and the reported inertia is the true one of the returned palette."""
     pixels = _photo_pixels()
-    clusters, inertia = fit_clusters(pixels, k, seed=0, chunk_size=3000)
+    palette, inertia = fit_palette(pixels, k, seed=0, chunk_size=3000)
     reference = KMeans(k, n_init=1, random_state=0).fit(pixels).inertia_
     assert inertia <= 1.05 * reference
-    assert inertia == pytest.approx(_true_inertia(pixels, clusters), rel=1e-4)
-    assert np.all(np.abs(clusters) <= 1)
+    assert inertia == pytest.approx(_true_inertia(pixels, palette), rel=1e-4)
+    assert np.all(np.abs(palette) <= 1)
     assert f"inertia {inertia:.6g}" in capsys.readouterr().out
 
 
 def test_few_distinct_colours_warn():
-    """Asking for more clusters than there are colours warns; every colour becomes a cluster."""
+    """Asking for more palette than there are colours warns; every colour becomes a cluster."""
     colours = np.array([[-1, -1, -1], [1, 1, 1], [0, 0, 0], [0.5, -0.5, 0]], np.float32)
     pixels = np.repeat(colours, 50, 0)
     with pytest.warns(UserWarning, match="4 distinct colours"):
-        clusters, inertia = fit_clusters(pixels, 6, seed=0, verbose=False)
+        palette, inertia = fit_palette(pixels, 6, seed=0, verbose=False)
     assert inertia == 0
-    assert {tuple(c) for c in clusters} == {tuple(c) for c in colours}
+    assert {tuple(c) for c in palette} == {tuple(c) for c in colours}
 
 
 def test_bad_arguments_raise():
     """Pixels outside [-1, 1] (e.g. uint8 values) and k > N are refused with the fix."""
     with pytest.raises(ValueError, match="pixel_values"):
-        fit_clusters(np.full((10, 3), 200.0), 2, verbose=False)
+        fit_palette(np.full((10, 3), 200.0), 2, verbose=False)
     with pytest.raises(ValueError, match="between 1 and"):
-        fit_clusters(np.zeros((3, 3)), 5, verbose=False)
+        fit_palette(np.zeros((3, 3)), 5, verbose=False)
 
 
 def test_sample_pixels_from_a_source():
@@ -113,19 +112,18 @@ def test_sample_pixels_from_a_source():
 
 
 def test_script_writes_a_loadable_palette(tmp_path):
-    """scripts/fit_clusters.py writes an .npy palette and a preprocessor config that both the
+    """scripts/fit_palette.py writes an .npy palette and a preprocessor config that both the
     tokenizer and transformers read."""
     out = tmp_path / "palette.npy"
-    command = [sys.executable, str(ROOT / "scripts" / "fit_clusters.py"), "--data", "digits"]
-    command += ["--k", "6", "--num-pixels", "3000", "--size", "8", "--out", str(out)]
-    command += ["--preprocessor-config", str(tmp_path / "hf")]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    result = run_script(
+        "fit_palette", "--data=digits", "--k=6", "--num_pixels=3000", "--size=8",
+        f"--out={out}", f"--preprocessor_config={tmp_path / 'hf'}",
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    palette = ColorTokenizer.from_npy(out)
-    assert palette.num_clusters == 6
+    tokenizer = ColorTokenizer.from_npy(out)
+    assert tokenizer.palette_size == 6
     config = json.loads((tmp_path / "hf" / "preprocessor_config.json").read_text())
-    np.testing.assert_array_equal(np.asarray(config["clusters"], np.float32), palette.clusters)
+    np.testing.assert_array_equal(np.asarray(config["clusters"], np.float32), tokenizer.palette)
     assert config["size"] == {"height": 8, "width": 8}
     processor = ImageGPTImageProcessor.from_pretrained(tmp_path / "hf")
-    np.testing.assert_array_equal(np.asarray(processor.clusters, np.float32), palette.clusters)
+    np.testing.assert_array_equal(np.asarray(processor.clusters, np.float32), tokenizer.palette)

@@ -14,7 +14,7 @@ TINY = igpt.ModelConfig(n_embd=32, n_layer=3, n_head=4, n_positions=36)
 
 def _ids(config, batch=2, length=None, seed=0):
     length = config.n_positions if length is None else length
-    ids = np.random.default_rng(seed).integers(0, config.num_clusters, (batch, length))
+    ids = np.random.default_rng(seed).integers(0, config.palette_size, (batch, length))
     ids[:, 0] = config.sos_id
     return jnp.asarray(ids, jnp.int32)
 

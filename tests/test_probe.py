@@ -1,20 +1,17 @@
 """Probe features, the logistic-regression solvers (against scikit-learn) and the layer sweep."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import flags, run_script
 from PIL import Image
 
 import igpt
 from igpt.data import open_source
 from igpt.features import FeatureExtractor
-from igpt.plots import COLOURS
+from igpt.figures import COLOURS
 from igpt.probe import (
     ProbeSettings,
     c_to_l2,
@@ -26,21 +23,8 @@ from igpt.probe import (
     subsample_per_class,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
-# 8x8 images (64 positions), 16 grey levels as the palette.
+# The shared fixture's architecture (conftest.digits_model_dir).
 TINY = igpt.ModelConfig(n_embd=32, n_layer=3, n_head=2, n_positions=64, vocab_size=17)
-GREYS = np.repeat(np.linspace(-1, 1, 16, dtype=np.float32)[:, None], 3, axis=1)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A random tiny model whose ln_1 gains differ by layer and channel, so a feature that
-    used the wrong gain (or none) would differ."""
-    params = igpt.init_params(TINY, jax.random.key(0))
-    gains = jax.random.uniform(jax.random.key(1), params["h"]["ln_1"]["scale"].shape, minval=0.5)
-    params["h"]["ln_1"]["scale"] = gains * 2
-    params["ln_f"]["scale"] = jax.random.uniform(jax.random.key(2), (TINY.n_embd,), minval=0.5)
-    return igpt.save_model(tmp_path_factory.mktemp("model") / "m", TINY, params, GREYS)
 
 
 @pytest.fixture(scope="module")
@@ -52,12 +36,12 @@ def digits_pixels():
     }  # fmt: skip
 
 
-def _hand_features(config, params, clusters, spec):
+def _hand_features(config, params, palette, spec):
     """mean over positions of ln_1(h_l) (ln_f output for the last layer), in numpy from the
     model's hidden_states, with tokens from the tokenizer directly (no data pipeline)."""
     source = open_source(spec)
     images = np.stack([source[i]["image"] for i in range(len(source))])
-    tokens = igpt.ColorTokenizer(clusters, size=8).encode(images)
+    tokens = igpt.ColorTokenizer(palette, size=8).encode(images)
     ids = np.concatenate([np.full((len(tokens), 1), config.sos_id), tokens[:, :-1]], axis=1)
     hidden = igpt.ImageGPT(config).apply({"params": params}, jnp.asarray(ids)).hidden_states
     gains = np.asarray(params["h"]["ln_1"]["scale"])
@@ -70,12 +54,13 @@ def _hand_features(config, params, clusters, spec):
     return features, np.asarray([source[i]["label"] for i in range(len(source))])
 
 
-def test_features_equal_a_hand_computation_and_come_back_from_the_cache(model_dir, tmp_path):
+def test_features_equal_a_hand_computation_and_come_back_from_the_cache(digits_model_dir, tmp_path):
     spec = "digits:test[:50]"  # 50 examples in batches of 32: the 14 padding rows are dropped
-    extractor = FeatureExtractor(model_dir, batch_size=32, cache_dir=tmp_path)
+    extractor = FeatureExtractor(digits_model_dir, batch_size=32, cache_dir=tmp_path)
     features, labels = extractor.features(spec)
-    config, params, clusters = igpt.load_model(model_dir)
-    expected, expected_labels = _hand_features(config, params, clusters, spec)
+    model = igpt.load_model(digits_model_dir)
+    config, params, palette = model.config, dict(model.params), model.palette
+    expected, expected_labels = _hand_features(config, params, palette, spec)
     assert sorted(features) == [0, 1, 2, 3]
     np.testing.assert_array_equal(labels, expected_labels)
     for layer, x in features.items():
@@ -83,7 +68,7 @@ def test_features_equal_a_hand_computation_and_come_back_from_the_cache(model_di
         np.testing.assert_allclose(x, expected[layer], rtol=1e-4, atol=1e-5)
 
     # A new extractor on the same checkpoint reads the cache instead of running the model...
-    again = FeatureExtractor(model_dir, batch_size=32, cache_dir=tmp_path)
+    again = FeatureExtractor(digits_model_dir, batch_size=32, cache_dir=tmp_path)
     again.extract = None  # calling it would fail
     cached, cached_labels = again.features(spec, [1, 3])
     np.testing.assert_array_equal(cached[3], features[3])
@@ -91,18 +76,18 @@ def test_features_equal_a_hand_computation_and_come_back_from_the_cache(model_di
     # ...while other splits, and other checkpoints, get their own files.
     assert again.cache_path("digits:test[50:]") != again.cache_path(spec)
     params["wte"]["embedding"] = params["wte"]["embedding"] + 1.0
-    other = igpt.save_model(tmp_path / "other", config, params, clusters)
+    other = igpt.save_model(tmp_path / "other", config, params, palette)
     assert FeatureExtractor(other, cache_dir=tmp_path).cache_path(spec) != again.cache_path(spec)
 
 
-def test_bad_layers_and_checkpoints_are_one_line_errors(model_dir, tmp_path):
-    extractor = FeatureExtractor(model_dir)
+def test_bad_layers_and_checkpoints_are_one_line_errors(digits_model_dir, tmp_path):
+    extractor = FeatureExtractor(digits_model_dir)
     with pytest.raises(ValueError, match=r"layer 4 is out of range .* valid layers are 0\.\.3"):
         extractor.features("digits:test[:8]", [1, 4])
     with pytest.raises(FileNotFoundError, match="does not exist"):
         FeatureExtractor(tmp_path / "no_such_model")
-    config, params, _ = igpt.load_model(model_dir)
-    bare = igpt.save_model(tmp_path / "bare", config, params)  # no clusters.npy
+    model = igpt.load_model(digits_model_dir)
+    bare = igpt.save_model(tmp_path / "bare", model.config, model.params)  # no palette.npy
     with pytest.raises(ValueError, match="has no colour palette"):
         FeatureExtractor(bare)
 
@@ -166,16 +151,13 @@ def test_labels_per_class_subsample():
         subsample_per_class(labels, 31)
 
 
-def test_probe_cli_sweeps_layers_and_writes_json_and_plot(model_dir, tmp_path):
+def test_probe_cli_sweeps_layers_and_writes_json_and_plot(digits_model_dir, tmp_path):
     out = tmp_path / "probe"
-    flags = {"checkpoint": model_dir, "data.train": "digits:train[:400]",
+    overrides = {"init_from": digits_model_dir, "data.train": "digits:train[:400]",
              "data.val": "digits:train[1100:1300]", "data.test": "digits:test[:200]",
              "batch_size": 100, "probe.l2_grid": "(1e-2,1e-3)"}  # fmt: skip
-    result = subprocess.run(
-        [sys.executable, "scripts/probe.py", "--config", "configs/probe.py", "--workdir",
-         str(out), *[f"--config.{k}={v}" for k, v in flags.items()]],
-        cwd=ROOT, capture_output=True, text=True,
-    )  # fmt: skip
+    result = run_script("probe", "--config=configs/probe.py", f"--workdir={out}",
+                        *flags(overrides))  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "probe.json").read_text())
     rows = report["layers"]
@@ -197,10 +179,11 @@ def test_probe_cli_sweeps_layers_and_writes_json_and_plot(model_dir, tmp_path):
 
 
 def test_probe_cli_errors_are_one_line(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "scripts/probe.py", "--config", "configs/probe.py", "--workdir",
-         str(tmp_path), f"--config.checkpoint={tmp_path / 'missing'}"],
-        cwd=ROOT, capture_output=True, text=True,
-    )  # fmt: skip
+    result = run_script(
+        "probe",
+        "--config=configs/probe.py",
+        f"--workdir={tmp_path}",
+        f"--config.init_from={tmp_path / 'missing'}",
+    )
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "does not exist" in result.stderr

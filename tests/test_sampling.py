@@ -1,7 +1,6 @@
 """KV-cache sampling, completion and the sample CLI: against full forward passes (igpt's and
 transformers'), the filters' definitions, the softmax distribution, and the PNG it writes."""
 
-import importlib.util
 from pathlib import Path
 
 import jax
@@ -9,11 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import run_script
 from PIL import Image
 from reference_models import random_hf_model, random_igpt_params
 
 import igpt
-from igpt import images
+from igpt import figures
 from igpt.model import QUERY_BLOCK
 from igpt.sampling import complete, draw, filter_logits, sample, sample_batched
 
@@ -170,13 +170,13 @@ def test_compiles_once_per_shape(params):
             compiles.append(event)
 
     options = dict(num_samples=3, prompt=np.arange(7), top_p=0.9)
-    sample(CONFIG, params, jax.random.key(0), **options).block_until_ready()
+    sample(CONFIG, params, jax.random.key(0), **options)
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
         for seed, temperature, top_p in [(1, 1.0, 0.9), (2, 0.5, 0.7), (3, 2.0, 0.95)]:
             options.update(top_p=top_p)
             key = jax.random.key(seed)
-            sample(CONFIG, params, key, temperature=temperature, **options).block_until_ready()
+            sample(CONFIG, params, key, temperature=temperature, **options)
         assert compiles == []
         sample(CONFIG, params, jax.random.key(0), **(options | {"num_samples": 4}))
         assert compiles  # a new batch size is a new program
@@ -232,11 +232,10 @@ def test_complete_keeps_the_top_rows(params):
 # The CLI
 
 
-def _cli():
-    spec = importlib.util.spec_from_file_location("sample_cli", ROOT / "scripts" / "sample.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+def _cli(args):
+    """Run scripts/sample.py; returns (exit status, stderr)."""
+    result = run_script("sample", *args)
+    return result.returncode, result.stderr
 
 
 @pytest.fixture(scope="module")
@@ -250,10 +249,10 @@ def _tile(picture, row, col, size, pad=2):
 
 
 def test_cli_writes_a_grid_from_a_transformers_directory(tmp_path, params, palette):
-    igpt.save_hf(CONFIG, params, tmp_path / "hf", clusters=palette)  # + preprocessor_config
+    igpt.save_hf(CONFIG, params, tmp_path / "hf", palette=palette)  # + preprocessor_config
     out = tmp_path / "grid.png"
-    args = ["--checkpoint", str(tmp_path / "hf"), "--out", str(out), "--num", "5", "--scale", "3"]
-    assert _cli()(args + ["--top-k", "30", "--batch-size", "2"]) == 0
+    args = [f"--model={tmp_path / 'hf'}", f"--out={out}", "--num=5", "--scale=3"]
+    assert _cli(args + ["--top_k=30", "--batch_size=2"])[0] == 0
     picture = np.asarray(Image.open(out))
     # 5 samples: a 3 x 2 grid of 8x8 images shown at 24x24 with 2-pixel gaps.
     assert picture.shape == (2 + 2 * 26, 2 + 3 * 26, 3)
@@ -270,9 +269,9 @@ def test_cli_completes_images_from_an_igpt_model_directory(tmp_path, params, pal
         pixels = np.random.default_rng(i).integers(0, 256, (8, 8, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(tmp_path / f"in{i}.png")
     out = tmp_path / "completions.png"
-    args = ["--checkpoint", str(tmp_path / "model"), "--out", str(out), "--scale", "2"]
-    args += ["--complete", str(tmp_path / "in0.png"), str(tmp_path / "in1.png"), "--num", "3"]
-    assert _cli()(args) == 0
+    args = [f"--model={tmp_path / 'model'}", f"--out={out}", "--scale=2"]
+    args += [f"--complete={tmp_path / 'in0.png'},{tmp_path / 'in1.png'}", "--num=3"]
+    assert _cli(args)[0] == 0
     picture = np.asarray(Image.open(out))
     # One row per image: occluded input, 3 completions, original; 16x16 tiles.
     assert picture.shape == (2 + 2 * 18, 2 + 5 * 18, 3)
@@ -283,31 +282,18 @@ def test_cli_completes_images_from_an_igpt_model_directory(tmp_path, params, pal
     )
     occluded, original = _tile(picture, 0, 0, 16), _tile(picture, 0, 4, 16)
     np.testing.assert_array_equal(occluded[:8], original[:8])
-    assert np.all(occluded[8:] == images.GREY)
+    assert np.all(occluded[8:] == figures.GREY)
     np.testing.assert_array_equal(_tile(picture, 1, 2, 16)[:8], _tile(picture, 1, 4, 16)[:8])
 
 
-def test_cli_reports_a_missing_palette_without_a_traceback(tmp_path, params, palette, capsys):
-    igpt.save_model(tmp_path / "model", CONFIG, params)  # no clusters
-    args = ["--checkpoint", str(tmp_path / "model"), "--out", str(tmp_path / "x.png")]
-    assert _cli()(args) == 2
-    error = capsys.readouterr().err
-    assert "--clusters palette.npy" in error and "Traceback" not in error
+def test_cli_reports_a_missing_palette_without_a_traceback(tmp_path, params, palette):
+    igpt.save_model(tmp_path / "model", CONFIG, params)  # no palette
+    args = [f"--model={tmp_path / 'model'}", f"--out={tmp_path / 'x.png'}"]
+    status, error = _cli(args)
+    assert status == 2 and "--palette=palette.npy" in error and "Traceback" not in error
     np.save(tmp_path / "palette.npy", palette)
-    args += ["--clusters", str(tmp_path / "palette.npy")]
-    assert _cli()(args + ["--num", "3", "--top-k", "5"]) == 0
+    args += [f"--palette={tmp_path / 'palette.npy'}"]
+    assert _cli(args + ["--num=3", "--top_k=5"])[0] == 0
     assert (tmp_path / "x.png").exists() and (tmp_path / "x.npz").exists()
-    assert _cli()(args + ["--complete", str(tmp_path / "none.png")]) == 2
-    assert "does not exist" in capsys.readouterr().err
-
-
-def test_image_helpers():
-    tiles = np.arange(2 * 3 * 2 * 2 * 3, dtype=np.uint8).reshape(2, 3, 2, 2, 3)
-    picture = images.grid(tiles, pad=1)
-    assert picture.shape == (1 + 2 * 3, 1 + 3 * 3, 3)
-    np.testing.assert_array_equal(picture[4:6, 7:9], tiles[1, 2])
-    assert images.auto_scale(32) == 3 and images.auto_scale(200) == 1
-    big = images.upscale(tiles[0, 0], 3)
-    assert big.shape == (6, 6, 3) and np.all(big[:3, :3] == tiles[0, 0, 0, 0])
-    # 3 images of 2x2 -> 2 columns, 2 rows (one blank tile), 2-pixel gaps
-    assert images.sample_sheet(tiles[0], 1).shape == (2 + 2 * 4, 2 + 2 * 4, 3)
+    status, error = _cli(args + [f"--complete={tmp_path / 'none.png'}"])
+    assert status == 2 and "does not exist" in error

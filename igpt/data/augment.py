@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-from igpt.tokenizer import resize, to_rgb
+from igpt.pixels import resize, to_rgb
 
 _ALIASES = {"imagenet": "resized_crop", "cifar": "pad_crop+flip"}
 _PARTS = ("none", "resized_crop", "pad_crop", "flip")

@@ -25,7 +25,8 @@ import numpy as np
 from absl import flags
 
 from igpt.data.augment import Augment
-from igpt.tokenizer import ColorTokenizer, as_size, resize, to_rgb
+from igpt.pixels import as_size, resize, to_rgb
+from igpt.tokenizer import ColorTokenizer
 
 
 def train_dataset(

@@ -38,7 +38,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from igpt.data import idx
-from igpt.tokenizer import load_image, to_rgb
+from igpt.pixels import load_image, to_rgb
 
 SPEC_FORMS = (
     "tfds:NAME[:SPLIT] (e.g. tfds:cifar10:train, tfds:imagenet_resized/32x32:validation), "

@@ -1,31 +1,32 @@
-"""The sharded train step, gradient accumulation, config overrides and the metrics files."""
+"""The sharded train step (igpt/train/step.py) and gradient accumulation."""
 
-import json
 import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from conftest import ROOT
 
 import igpt
-from igpt.cli import ConfigError, apply_override, load_config
-from igpt.metrics import MetricsWriter
-from igpt.run_config import pretrain_defaults
 from igpt.sharding import global_batch, make_mesh
-from igpt.trainer import create_train_state, learning_rate_schedule, make_optimizer, make_train_step
+from igpt.train.config import pretrain_defaults
+from igpt.train.step import (
+    create_train_state,
+    learning_rate_schedule,
+    make_optimizer,
+    make_train_step,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = igpt.ModelConfig(n_embd=32, n_layer=2, n_head=4, n_positions=16, vocab_size=33)
 
 
 def _batch(batch_size, config, seed=0):
     rng = np.random.default_rng(seed)
     return {
-        "tokens": rng.integers(0, config.num_clusters, (batch_size, config.n_positions), np.int32),
+        "tokens": rng.integers(0, config.palette_size, (batch_size, config.n_positions), np.int32),
         "label": rng.integers(0, 10, (batch_size,), np.int32),
         "mask": np.ones((batch_size,), bool),
     }
@@ -65,7 +66,7 @@ def test_sharded_step_on_8_devices_matches_one_device(tmp_path):
         f"""
         import sys, numpy as np, jax
         sys.path.insert(0, {str(ROOT / "tests")!r})
-        from test_trainer import TINY, _batch, _run_steps
+        from test_train_step import TINY, _batch, _run_steps
         assert jax.device_count() == 8
         batches = [_batch(8, TINY, seed) for seed in range(2)]
         losses8, params8 = _run_steps(TINY, (2, 2, 2), batches)
@@ -87,49 +88,3 @@ def test_mesh_shape_errors_are_clear():
         make_mesh((2, 2, 2))
     with pytest.raises(ValueError, match="at most one axis may be -1"):
         make_mesh((-1, -1, 1))
-
-
-def test_config_overrides_check_keys_and_types():
-    config = load_config(str(ROOT / "configs" / "digits.py"))
-    apply_override(config, "optimizer.learning_rate", "1e-4")
-    apply_override(config, "mesh_shape", "(1,2,1)")
-    apply_override(config, "model.remat", "true")
-    assert config.optimizer.learning_rate == 1e-4 and config.mesh_shape == (1, 2, 1)
-    assert config.model.remat is True
-    with pytest.raises(ConfigError, match="did you mean 'optimizer.learning_rate'"):
-        apply_override(config, "optimizer.learning_rat", "1")
-    with pytest.raises(ConfigError, match="expected a value of type int"):
-        apply_override(config, "batch_size", "many")
-    with pytest.raises(ConfigError, match="does not exist"):
-        load_config("configs/nope.py")
-
-
-def test_train_cli_rejects_a_wrong_key_before_running(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "train.py"), "--config", "configs/digits.py",
-         "--workdir", str(tmp_path / "w"), "--config.optimizer.lr=1"],
-        cwd=ROOT, capture_output=True, text=True,
-    )  # fmt: skip
-    assert result.returncode == 2
-    assert "optimizer has no key 'lr'" in result.stderr and "Traceback" not in result.stderr
-    assert not (tmp_path / "w").exists()
-
-
-def test_metrics_are_json_lines_and_tensorboard_events(tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    writer = MetricsWriter(tmp_path)
-    writer.write(10, "train", {"loss": 2.5, "bits_per_token": 3.6})
-    writer.write(20, "eval", {"loss": 2.25})
-    writer.close()
-    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [(x["step"], x["split"], x["loss"]) for x in lines] == [
-        (10, "train", 2.5),
-        (20, "eval", 2.25),
-    ]
-
-    events = EventAccumulator(str(tmp_path / "tensorboard"))
-    events.Reload()
-    assert sorted(events.Tags()["scalars"]) == ["eval/loss", "train/bits_per_token", "train/loss"]
-    (train_loss,) = events.Scalars("train/loss")
-    assert (train_loss.step, train_loss.value) == (10, 2.5)

@@ -1,4 +1,4 @@
-"""Run metrics: JSON lines, TensorBoard scalars and human-readable progress lines."""
+"""Run metrics: JSON lines, TensorBoard scalars and pictures, and human-readable progress lines."""
 
 from __future__ import annotations
 
@@ -8,8 +8,11 @@ import time
 from pathlib import Path
 
 import jax
+import numpy as np
+from tensorboardX import SummaryWriter
 
-from igpt.tensorboard import EventWriter
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
 
 
 class MetricsWriter:
@@ -20,8 +23,8 @@ class MetricsWriter:
         if self._enabled:
             workdir = Path(workdir)
             workdir.mkdir(parents=True, exist_ok=True)
-            self._jsonl = open(workdir / "metrics.jsonl", "a")  # noqa: SIM115 - see close()
-            self._events = EventWriter(workdir / "tensorboard")
+            self._jsonl = open(workdir / METRICS_FILE, "a")  # noqa: SIM115 - see close()
+            self._events = SummaryWriter(str(workdir / TENSORBOARD_DIR))
 
     def write(self, step: int, split: str, values: dict[str, float]) -> None:
         """Record `values` for `split` ("train", "eval", ...) at `step`."""
@@ -31,7 +34,15 @@ class MetricsWriter:
         record = {"step": step, "split": split, "time": time.time(), **values}
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
-        self._events.scalars(step, {f"{split}/{k}": v for k, v in values.items()})
+        for name, value in values.items():
+            self._events.add_scalar(f"{split}/{name}", value, step)
+        self._events.flush()
+
+    def image(self, step: int, name: str, picture: np.ndarray) -> None:
+        """Log a (H, W, 3) uint8 picture (a sample grid) to TensorBoard under `name`."""
+        if self._enabled:
+            self._events.add_image(name, np.asarray(picture), step, dataformats="HWC")
+            self._events.flush()
 
     def close(self) -> None:
         """Close the files."""

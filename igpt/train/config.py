@@ -1,7 +1,9 @@
 """The fields every training config has, with their defaults; configs/*.py start from these.
 
 The defaults are the paper's pretraining recipe (REFERENCE.md "Training recipe"); a config file
-changes what its experiment needs and `--config.KEY=VALUE` changes the rest.
+changes what its experiment needs and `--config.KEY=VALUE` changes the rest. Every config uses
+one vocabulary: `data.train` / `data.val` / `data.test` for the splits, `init_from` for the
+model a run starts from.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import ml_collections
 
 from igpt.config import ModelConfig
+from igpt.sharding import DEFAULT_RULES
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -47,10 +50,12 @@ def pretrain_defaults() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.train = "tfds:cifar10:train[:90%]"  # source spec (see igpt.data): training images
-    c.data.eval = "tfds:cifar10:train[90%:]"  # validation images ("" = no evaluation)
-    c.data.image_size = 32  # model resolution; model.n_positions must be its square
-    c.data.augment = "none"  # none | flip | cifar (pad-crop-flip) | random_resized_crop
-    c.data.palette = "fit"  # "fit" (k-means on training pixels), a .npy, or a transformers dir
+    c.data.val = "tfds:cifar10:train[90%:]"  # validation images ("" = no evaluation)
+    c.data.test = ""  # test images, only ever reported (fine-tuning's best model)
+    c.data.image_size = 32  # model resolution, checked against model.n_positions (0 = the model's)
+    c.data.augment = "none"  # none | flip | imagenet (random resized crop) | cifar (pad-crop-flip)
+    c.data.palette = "fit"  # "fit" (k-means on training pixels), "checkpoint" (init_from's),
+    #                         a .npy, or a transformers dir
     c.data.palette_pixels = 1_000_000  # pixels sampled to fit the palette
     c.data.skip_corrupt = False  # count and skip unreadable images instead of failing
     c.data.worker_count = 0  # grain worker processes (0 = in the main process)
@@ -70,6 +75,8 @@ def pretrain_defaults() -> ml_collections.ConfigDict:
     c.optimizer.schedule = "cosine"  # cosine (to 0 at num_steps) | constant (after warmup)
 
     c.mesh_shape = (-1, 1, 1)  # devices along (data, fsdp, tensor); -1 = all remaining
+    # logical axis -> mesh axes (igpt.sharding); "" or () for replicated
+    c.sharding_rules = rules_to_config(DEFAULT_RULES)
 
     c.log_every = 50  # steps between progress lines and metric records
     c.eval_every = 5000  # steps between validation passes and sample grids (0 = only at end)
@@ -80,17 +87,35 @@ def pretrain_defaults() -> ml_collections.ConfigDict:
     c.sample.num_samples = 16  # images in each sample grid (0 = no pictures at evaluations)
     c.sample.num_completions = 4  # half-image completions per validation image (4 images)
     c.sample.temperature = 1.0  # sampling temperature
-    c.sample.top_k = 0  # sample among the k most likely clusters (0 = all)
+    c.sample.top_k = 0  # sample among the k most likely colours (0 = all)
     return c
 
 
-def build_model_config(config: ml_collections.ConfigDict) -> ModelConfig:
-    """The ModelConfig of a run config, checked against the data resolution."""
-    model = ModelConfig.from_dict(config.model.to_dict())
+def rules_to_config(rules) -> tuple:
+    """Sharding rules as config data: (logical axis, mesh axes) pairs with tuples for several
+    axes and "" for replicated (a ConfigDict field cannot hold None inside a tuple)."""
+    return tuple((name, "" if axes is None else axes) for name, axes in rules)
+
+
+def rules_from_config(rules) -> tuple:
+    """Inverse of `rules_to_config`."""
+    return tuple((name, axes or None) for name, axes in rules)
+
+
+def build_model_config(
+    config: ml_collections.ConfigDict, base: ModelConfig | None = None
+) -> ModelConfig:
+    """The ModelConfig of a run config, checked against the data resolution.
+
+    With `base` (the architecture of the model a fine-tuning run starts from), `config.model`
+    holds only the fields the run changes (classifier size, dtypes, dropout, remat).
+    """
+    fields = config.model.to_dict()
+    model = base.replace(**fields) if base is not None else ModelConfig.from_dict(fields)
     side = config.data.image_size
-    if model.n_positions != side * side:
+    if side and model.n_positions != side * side:
         raise ValueError(
             f"model.n_positions={model.n_positions} but data.image_size={side} gives {side * side}"
-            f" tokens; set --config.model.n_positions={side * side}"
+            f" tokens; set --config.data.image_size={model.image_side}"
         )
     return model

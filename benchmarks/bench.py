@@ -1,8 +1,13 @@
 """Throughput benchmark: forward, train step, KV-cache sampling and tokenization, optionally side
-by side with transformers' PyTorch ImageGPT (`igpt.benchmark_hf`) in the same process.
+by side with transformers' PyTorch ImageGPT (`benchmarks/hf.py`) in the same process.
+
+    python -m benchmarks --preset tiny --mode sample,train --vs-hf
+    python -m benchmarks --preset s --batch 2 --mode train --vs-hf --repeats 2
+    python -m benchmarks --d 128 --layers 4 --heads 4 --side 16 --mode sample --vs-hf
 
 Every measurement reports tokens/s (images/s for tokenize) and, for the model modes, the
-achieved FLOP/s from `forward_flops` and its fraction of the matmul peak measured in this run.
+achieved FLOP/s from `igpt.flops.forward_flops` and its fraction of the matmul peak measured in
+this run. It prints one JSON line per measurement, then a table.
 Compile or first-call time is reported apart from the steady state. When both implementations
 run, their timed calls alternate, so a change in machine load hits both alike.
 """
@@ -26,6 +31,7 @@ import numpy as np
 import optax
 
 from igpt.config import ModelConfig
+from igpt.flops import forward_flops, measure_matmul_peak
 from igpt.losses import next_token_loss
 from igpt.model import ImageGPT, count_params, init_params, param_shapes
 from igpt.sampling import sample
@@ -33,28 +39,6 @@ from igpt.tokenizer import ColorTokenizer
 
 LEARNING_RATE = 1e-4
 BETAS = (0.9, 0.95)  # the paper's Adam betas
-
-
-def forward_flops(config: ModelConfig, length: int) -> int:
-    """Matmul FLOPs (2 per multiply-add) of one forward pass over input positions 0..length-1,
-    one sequence, counting only what causal attention needs:
-
-        per position p, per layer:  qkv 2*d*3d + out-proj 2*d*d + MLP 2*(2*d*f)
-                                    + scores 2*d*(p+1) + values 2*d*(p+1)
-        per position, head:         2*d*V
-        total = T*(L*(8d^2 + 4df) + 2dV) + 4dL * T(T+1)/2
-
-    (d = n_embd, f = mlp_dim, L = n_layer, V = num_clusters, T = length). Embedding lookups,
-    norms and softmax are not matmuls and are left out. A train step is 3x this (the backward
-    pass costs two forwards). Sampling T tokens from SOS runs the model over T positions.
-    Neither implementation computes exactly this: both compute masked scores beyond it
-    (transformers the full T x T square, igpt blocks of 256 queries; igpt's sampler scores the
-    whole static cache); this count is the work that counts, the same for both.
-    """
-    d, f, n_layer = config.n_embd, config.mlp_dim, config.n_layer
-    t = length
-    dense = t * (n_layer * (8 * d * d + 4 * d * f) + 2 * d * config.num_clusters)
-    return dense + 4 * d * n_layer * t * (t + 1) // 2
 
 
 @dataclasses.dataclass
@@ -66,16 +50,6 @@ class Case:
     run: Callable[[], object]
     work: int
     flops: int = 0
-
-
-def measure_matmul_peak(n: int = 2048, repeats: int = 5) -> float:
-    """Best FLOP/s of a jitted float32 (n, n) @ (n, n) jnp.dot on the default device."""
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-    dot = jax.jit(jnp.dot)
-    dot(a, b).block_until_ready()
-    best = min(_timed(lambda: dot(a, b).block_until_ready()) for _ in range(repeats))
-    return 2 * n**3 / best
 
 
 def measure_bandwidth(mbytes: int = 256, repeats: int = 5) -> float:
@@ -105,7 +79,7 @@ def benchmark_params(config: ModelConfig, seed: int = 0) -> dict:
 
 def random_ids(config: ModelConfig, batch: int, seed: int = 0) -> np.ndarray:
     """(batch, n_positions) ids starting with SOS, as a training batch."""
-    ids = np.random.default_rng(seed).integers(0, config.num_clusters, (batch, config.n_positions))
+    ids = np.random.default_rng(seed).integers(0, config.palette_size, (batch, config.n_positions))
     ids[:, 0] = config.sos_id
     return ids.astype(np.int32)
 
@@ -161,16 +135,15 @@ def igpt_sample(config: ModelConfig, params: dict, batch: int, tokens: int, top_
 
     def run():
         key = jax.random.key(next(calls))
-        return sample(
-            config, params, key, num_samples=batch, top_k=top_k, length=tokens
-        ).block_until_ready()
+        # numpy ids: the call returns only when they are on the host
+        return sample(config, params, key, num_samples=batch, top_k=top_k, length=tokens)
 
     return Case("igpt", run, batch * tokens, batch * forward_flops(config, tokens))
 
 
-def igpt_tokenize(clusters: np.ndarray, images: np.ndarray) -> Case:
+def igpt_tokenize(palette: np.ndarray, images: np.ndarray) -> Case:
     """`ColorTokenizer.encode` of a uint8 batch; building its colour table is warm-up."""
-    tokenizer = ColorTokenizer(clusters, size=images.shape[1:3])
+    tokenizer = ColorTokenizer(palette, size=images.shape[1:3])
     return Case("igpt", lambda: tokenizer.encode(images), len(images))
 
 
@@ -273,7 +246,7 @@ def run(args: argparse.Namespace, emit: Callable[[dict], None]) -> list[dict]:
     """Run the requested modes; `emit` receives each record as it is measured."""
     config = config_from_args(args)
     if args.vs_hf:
-        from igpt import benchmark_hf as hf  # imports torch; only when asked
+        from benchmarks import hf  # imports torch; only when asked
 
         hf.set_threads(args.threads)
     shape = dict(
@@ -288,7 +261,7 @@ def run(args: argparse.Namespace, emit: Callable[[dict], None]) -> list[dict]:
     peak = records[0]["matmul_peak_gflops"] * 1e9
     params = benchmark_params(config)
     tokens = args.sample_tokens or config.n_positions
-    clusters = np.random.default_rng(0).uniform(-1, 1, (config.num_clusters, 3)).astype(np.float32)
+    palette = np.random.default_rng(0).uniform(-1, 1, (config.palette_size, 3)).astype(np.float32)
     pixels = np.random.default_rng(1).integers(0, 256, (args.images, 32, 32, 3), dtype=np.uint8)
 
     plans = []  # (mode, batch, [igpt case, maybe transformers case])
@@ -310,9 +283,9 @@ def run(args: argparse.Namespace, emit: Callable[[dict], None]) -> list[dict]:
                     cases.append(hf.sample_case(config, params, batch, tokens, args.top_k))
                 plans.append((mode, batch, cases))
         else:
-            cases = [igpt_tokenize(clusters, pixels)]
+            cases = [igpt_tokenize(palette, pixels)]
             if args.vs_hf:
-                cases.append(hf.tokenize_case(clusters, pixels))
+                cases.append(hf.tokenize_case(palette, pixels))
             plans.append((mode, len(pixels), cases))
 
     for mode, batch, cases in plans:

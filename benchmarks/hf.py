@@ -1,7 +1,7 @@
-"""The transformers (PyTorch) side of `igpt.benchmark`: the same config and the same weights
-(converted with `params_to_hf`), dropout 0, the same thread count as XLA's CPU pool.
+"""The transformers (PyTorch) side of `benchmarks/bench.py`: the same config and the same
+weights (converted with `params_to_hf`), dropout 0, the same thread count as XLA's CPU pool.
 
-Imports torch and transformers, so `igpt.benchmark` loads this module only with --vs-hf.
+Imports torch and transformers, so the harness loads this module only with --vs-hf.
 """
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ import numpy as np
 import torch
 from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling
 
-from igpt.benchmark import BETAS, LEARNING_RATE, Case, forward_flops, random_ids
+from benchmarks.bench import BETAS, LEARNING_RATE, Case, random_ids
 from igpt.config import ModelConfig
 from igpt.convert import config_to_hf, params_to_hf
+from igpt.flops import forward_flops
 
 
 def set_threads(threads: int) -> None:
@@ -85,14 +86,14 @@ def sample_case(config: ModelConfig, params: dict, batch: int, tokens: int, top_
     return Case("transformers", run, batch * tokens, batch * forward_flops(config, tokens))
 
 
-def tokenize_case(clusters: np.ndarray, images: np.ndarray) -> Case:
+def tokenize_case(palette: np.ndarray, images: np.ndarray) -> Case:
     """`ImageGPTImageProcessor` (PIL backend) to input_ids at the images' own size."""
     try:
         from transformers import ImageGPTImageProcessorPil as Processor
     except ImportError:  # older transformers: the PIL processor has the plain name
         from transformers import ImageGPTImageProcessor as Processor
     height, width = images.shape[1:3]
-    processor = Processor(clusters=clusters, size={"height": height, "width": width})
+    processor = Processor(clusters=palette, size={"height": height, "width": width})
     batch = list(images)
     return Case(
         "transformers",

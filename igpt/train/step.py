@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from igpt.config import ModelConfig
 from igpt.losses import model_inputs, token_nll
 from igpt.model import ImageGPT
-from igpt.sharding import tree_shardings
+from igpt.sharding import Rules, abstract, tree_shardings
 
 
 @struct.dataclass
@@ -80,30 +80,32 @@ def _boxed_state(model_config: ModelConfig, tx, rng: jax.Array) -> TrainState:
     )
 
 
-def state_shardings(model_config: ModelConfig, tx, mesh: Mesh):
+def state_shardings(model_config: ModelConfig, tx, mesh: Mesh, rules: Rules | None = None):
     """NamedShardings of the TrainState, derived from the model's logical axis names."""
     boxed = jax.eval_shape(functools.partial(_boxed_state, model_config, tx), jax.random.key(0))
-    return tree_shardings(boxed, mesh)
+    return tree_shardings(boxed, mesh, rules)
 
 
-def create_train_state(model_config: ModelConfig, tx, mesh: Mesh, seed: int) -> TrainState:
+def create_train_state(
+    model_config: ModelConfig, tx, mesh: Mesh, seed: int, rules: Rules | None = None
+) -> TrainState:
     """A fresh TrainState initialised directly into its shardings (never whole on one device)."""
-    shardings = state_shardings(model_config, tx, mesh)
+    shardings = state_shardings(model_config, tx, mesh, rules)
     init = jax.jit(
         lambda rng: nn.meta.unbox(_boxed_state(model_config, tx, rng)), out_shardings=shardings
     )
     return init(jax.random.key(seed))
 
 
-def abstract_train_state(model_config: ModelConfig, tx, mesh: Mesh) -> TrainState:
+def abstract_train_state(
+    model_config: ModelConfig, tx, mesh: Mesh, rules: Rules | None = None
+) -> TrainState:
     """Shapes, dtypes and shardings of the TrainState (a restore target)."""
-    shardings = state_shardings(model_config, tx, mesh)
+    shardings = state_shardings(model_config, tx, mesh, rules)
     shapes = nn.meta.unbox(
         jax.eval_shape(functools.partial(_boxed_state, model_config, tx), jax.random.key(0))
     )
-    return jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
-    )
+    return abstract(shapes, shardings)
 
 
 def _losses(params, batch, rng, model: ImageGPT, deterministic: bool):
@@ -144,6 +146,7 @@ def make_train_step(
     *,
     grad_accum_steps: int = 1,
     weights: LossWeights = PRETRAINING,
+    rules: Rules | None = None,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """`train_step(state, batch) -> (state, metrics)`, jitted with the state donated.
 
@@ -152,7 +155,7 @@ def make_train_step(
     averaged, each taking every A-th example so all devices work on every micro-batch.
     """
     model = ImageGPT(model_config)
-    shardings = state_shardings(model_config, tx, mesh)
+    shardings = state_shardings(model_config, tx, mesh, rules)
     deterministic = not (
         model_config.attn_pdrop or model_config.resid_pdrop or model_config.embd_pdrop
     )
@@ -218,7 +221,7 @@ def make_eval_step(model_config: ModelConfig, mesh: Mesh) -> Callable[[dict, dic
     def step(params, batch):
         sums = _losses(params, batch, jax.random.key(0), model, True)
         weight = jnp.broadcast_to(batch["mask"][:, None], batch["tokens"].shape)
-        counts = jnp.zeros(model_config.num_clusters).at[batch["tokens"]].add(weight)
+        counts = jnp.zeros(model_config.palette_size).at[batch["tokens"]].add(weight)
         return sums | {"colour_counts": counts}
 
     return jax.jit(step, out_shardings=replicated)

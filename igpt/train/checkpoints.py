@@ -5,6 +5,11 @@ Each step directory holds four items: `params`, `train` (step, optimizer state, 
 one would) and `model` (the ModelConfig, so the parameters load without the run config).
 orbax writes each step into a temporary directory and renames it when complete, so a process
 killed mid-save leaves the previous checkpoint as the latest restorable one.
+
+The data state is saved as JSON by process 0, not with grain's orbax handler: that handler
+writes one file per process named by the process count, so a run could not resume on another
+number of hosts, while igpt's iterator state (the next global batch) is the same for every
+process and independent of their number (igpt.data.pipeline).
 """
 
 from __future__ import annotations
@@ -12,16 +17,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import jax
-import numpy as np
 import orbax.checkpoint as ocp
-from flax import linen as nn
 
 from igpt.config import ModelConfig
-from igpt.model import param_shapes
+from igpt.sharding import abstract_params
 
 CHECKPOINTS_DIR = "checkpoints"
-PALETTE_FILE = "palette.npy"
 
 
 class Checkpointer:
@@ -104,25 +105,24 @@ def latest_step(workdir: str | os.PathLike) -> int | None:
     return step
 
 
-def load_workdir(
-    workdir: str | os.PathLike, step: int | None = None
-) -> tuple[ModelConfig, dict, np.ndarray | None]:
-    """`(config, params, palette)` from a training workdir's latest (or given) checkpoint."""
-    workdir = Path(workdir).absolute()
-    manager = _read_only_manager(workdir)
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"{workdir} has no complete checkpoint yet")
-    model = manager.restore(step, args=ocp.args.Composite(model=ocp.args.JsonRestore()))["model"]
-    config = ModelConfig.from_dict(model)
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
-        nn.meta.unbox(param_shapes(config)),
-    )
-    params = manager.restore(
-        step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target))
-    )["params"]
-    manager.close()
-    palette_path = workdir / PALETTE_FILE
-    return config, params, np.load(palette_path) if palette_path.exists() else None
+def read_model_config(workdir: str | os.PathLike, step: int) -> ModelConfig:
+    """The ModelConfig stored with checkpoint `step` of a workdir."""
+    manager = _read_only_manager(Path(workdir).absolute())
+    try:
+        model = manager.restore(step, args=ocp.args.Composite(model=ocp.args.JsonRestore()))
+    finally:
+        manager.close()
+    return ModelConfig.from_dict(model["model"])
+
+
+def read_params(workdir: str | os.PathLike, step: int, config: ModelConfig, shardings) -> dict:
+    """The parameters of checkpoint `step` of a workdir, restored into `shardings`."""
+    target = abstract_params(config, shardings)
+    manager = _read_only_manager(Path(workdir).absolute())
+    try:
+        restored = manager.restore(
+            step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target))
+        )
+    finally:
+        manager.close()
+    return restored["params"]

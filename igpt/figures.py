@@ -1,11 +1,14 @@
-"""Image grids as PNG files: sample sheets and the completion figure of the iGPT paper.
+"""Pictures: sample sheets, the completion figure of the iGPT paper, and line charts, as PNG.
 
-Everything here works on uint8 RGB arrays (..., H, W, 3), the tokenizer's `decode` output.
+The grids work on uint8 RGB arrays (..., H, W, 3), the tokenizer's `decode` output. Charts
+(probe accuracy by layer, fine-tuning curves) are drawn by matplotlib, an optional dependency.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -81,4 +84,65 @@ def save_png(path: str | os.PathLike, picture: np.ndarray) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.asarray(picture, np.uint8)).save(path, format="PNG")
+    return path
+
+
+# Distinguishable on white and in greyscale print: matplotlib's first Tableau colours.
+COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189))
+REFERENCE_COLOUR = (110, 110, 110)
+
+
+def line_chart(
+    path: str | os.PathLike,
+    x: Sequence[float],
+    series: dict[str, Sequence[float]],
+    *,
+    title: str = "",
+    xlabel: str = "",
+    ylabel: str = "",
+    references: dict[str, float] | None = None,
+    highlight_x: float | None = None,
+    size: tuple[int, int] = (800, 500),
+) -> Path | None:
+    """Draw each of `series` (name -> y values at `x`) as a line with markers, as a PNG.
+
+    `references` are named horizontal dashed lines (e.g. a baseline); `highlight_x` gets a
+    dotted vertical line (e.g. the best layer). Needs matplotlib (`pip install igpt[plots]`);
+    without it nothing is drawn, a warning says so, and None is returned.
+    """
+    if not series or any(len(ys) != len(x) for ys in series.values()) or not len(x):
+        raise ValueError("line_chart needs at least one point and series as long as x")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only, no display
+        from matplotlib import pyplot as plt
+        from matplotlib.ticker import MaxNLocator
+    except ImportError:
+        warnings.warn(f"matplotlib is not installed: not drawing {path} (pip install "
+                      "igpt[plots])", stacklevel=2)  # fmt: skip
+        return None
+
+    def rgb(colour):
+        return tuple(c / 255 for c in colour)
+
+    dpi = 100
+    figure, axes = plt.subplots(figsize=(size[0] / dpi, size[1] / dpi), dpi=dpi)
+    for i, (name, ys) in enumerate(series.items()):
+        axes.plot(x, ys, marker="o", markersize=4, linewidth=2, label=name,
+                  color=rgb(COLOURS[i % len(COLOURS)]))  # fmt: skip
+    for name, level in (references or {}).items():
+        axes.axhline(level, linestyle="--", linewidth=1.5, color=rgb(REFERENCE_COLOUR), label=name)
+    if highlight_x is not None:
+        axes.axvline(highlight_x, linestyle=":", color="0.6")
+    if all(float(v).is_integer() for v in x):  # layer numbers: integer ticks only
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    axes.grid(color="0.92")
+    axes.legend(loc="lower right")
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=dpi)
+    plt.close(figure)
     return path
