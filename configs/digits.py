@@ -27,6 +27,7 @@ def get_config(arg=None):
     config.num_steps = 800
     config.optimizer.learning_rate = 3e-3
     config.optimizer.warmup_epochs = 3.0
+    config.optimizer.grad_clip = 1.0  # igpt's choice for this tiny, dropout-regularised job
     config.log_every = 100
     config.eval_every = 400
     config.checkpoint_every = 200

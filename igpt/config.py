@@ -14,7 +14,8 @@ PALETTE_SIZE = 512  # colour palette of the released models; vocab_size = PALETT
 
 # name -> (n_embd, n_layer, n_head, n_positions). S/M/L are the released openai/imagegpt-* models;
 # XL was never released (its head count is not published: 24 heads keeps head_dim = 128).
-# The tiny research sizes are for CPU work and tests.
+# The research sizes are igpt's own, for CPU work and tests; cifar-small is minGPT's
+# play_image CIFAR-10 model, not one of the paper's.
 _PRESETS = {
     "s": (512, 24, 8, 1024),
     "m": (1024, 36, 8, 1024),

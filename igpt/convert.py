@@ -94,7 +94,11 @@ def _set(tree: dict, path: tuple[str, ...], value) -> None:
 def config_from_hf(hf: dict) -> tuple[ModelConfig, str]:
     """Model config and architecture name from a transformers ImageGPT `config.json` dict."""
     if hf.get("model_type") != "imagegpt":
-        raise ValueError(f"config.json has model_type={hf.get('model_type')!r}, not 'imagegpt'")
+        raise ValueError(
+            f"its config.json has model_type={hf.get('model_type')!r}, not 'imagegpt': expected "
+            "a transformers ImageGPT checkpoint, an igpt model dir or a training workdir with "
+            "a checkpoint"
+        )
     unsupported = {
         "activation_function": (hf.get("activation_function", "quick_gelu"), "quick_gelu"),
         "scale_attn_weights": (hf.get("scale_attn_weights", True), True),
@@ -227,10 +231,16 @@ def read_hf_tensors(directory: Path) -> dict[str, np.ndarray]:
     ):
         index = directory / f"{name}.index.json"
         if index.exists():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
             tensors = {}
-            for file in files:
-                tensors |= reader(directory / file)
+            for shard in shards:
+                path = (directory / shard).resolve()
+                if not path.is_relative_to(directory.resolve()):
+                    raise ValueError(
+                        f"{index} names {shard!r}, outside the checkpoint directory; refusing "
+                        "to read it"
+                    )
+                tensors |= reader(path)
             return tensors
         if (directory / name).exists():
             return reader(directory / name)
@@ -242,13 +252,24 @@ def read_hf_tensors(directory: Path) -> dict[str, np.ndarray]:
 def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
 
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except Exception as error:  # noqa: BLE001 - safetensors' errors are not OSErrors
+        raise ValueError(f"cannot read {path} (truncated or not safetensors?): {error}") from None
 
 
 def _read_bin(path: Path) -> dict[str, np.ndarray]:
+    import pickle
+
     import torch  # only this legacy format needs torch
 
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+        raise ValueError(
+            f"cannot read {path}: {' '.join(str(error).split())[:300]}. igpt loads only "
+            "tensors (weights_only=True); re-save it with torch.save(model.state_dict())"
+        ) from None
     return {k: v.detach().to(torch.float32).numpy() for k, v in state.items()}
 
 
@@ -266,7 +287,10 @@ def load_hf(path_or_repo_id: str | os.PathLike) -> tuple[ModelConfig, dict, np.n
     config_path = directory / "config.json"
     if not config_path.exists():
         raise FileNotFoundError(f"{directory} has no config.json; is it a transformers checkpoint?")
-    config, architecture = config_from_hf(json.loads(config_path.read_text()))
+    try:
+        config, architecture = config_from_hf(json.loads(config_path.read_text()))
+    except ValueError as error:
+        raise ValueError(f"{directory}: {error}") from None
     params = params_from_hf(config, read_hf_tensors(directory), architecture)
     has_palette = (directory / PREPROCESSOR_CONFIG).exists()
     palette = ColorTokenizer.from_pretrained(directory).palette if has_palette else None

@@ -96,6 +96,7 @@ class FeatureExtractor:
       cache_dir: where `features()` keeps its npz files (None: no cache).
       palette: a (K, 3) .npy file or transformers dir to tokenize with, instead of the
         checkpoint's own palette.
+      center_crop: cut images to their central square before resizing (ImageNet evaluation).
     """
 
     def __init__(
@@ -106,6 +107,7 @@ class FeatureExtractor:
         mesh_shape: Sequence[int] = (-1, 1, 1),
         cache_dir: str | os.PathLike | None = None,
         palette: str = "",
+        center_crop: bool = False,
     ):
         model = load_model(checkpoint)
         config, params = model.config, jax.device_get(model.params)
@@ -115,10 +117,16 @@ class FeatureExtractor:
                 f"{checkpoint} has no colour palette (palette.npy or preprocessor_config.json); "
                 "pass one with --config.data.palette=PATH"
             )
+        if len(palette) != config.palette_size:
+            raise ValueError(
+                f"the palette has {len(palette)} colours but {checkpoint} predicts "
+                f"{config.palette_size}; ids of other colours would be out of range"
+            )
         self.config = config
         self.image_size = config.image_side
         self.tokenizer = ColorTokenizer(palette, size=self.image_size)
         self.batch_size = batch_size
+        self.center_crop = center_crop
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
         self.fingerprint = _fingerprint(config, params, palette)
         self.mesh = make_mesh(mesh_shape)
@@ -153,7 +161,11 @@ class FeatureExtractor:
             self._fns[layers] = make_feature_fn(self.config, layers, self.mesh)
         fn = self._fns[layers]
         batches = data_lib.eval_dataset(
-            source, self.tokenizer, global_batch_size=self.batch_size, image_size=self.image_size
+            source,
+            self.tokenizer,
+            global_batch_size=self.batch_size,
+            image_size=self.image_size,
+            center_crop=self.center_crop,
         )
         stream = batches.to_iter_dataset(grain.ReadOptions(num_threads=4, prefetch_buffer_size=4))
         chunks, pending = [], None
@@ -178,7 +190,8 @@ class FeatureExtractor:
             return None
         readable = re.sub(r"[^\w.%-]+", "_", spec).strip("_")
         exact = hashlib.blake2b(spec.encode(), digest_size=4).hexdigest()
-        name = f"{readable}-{exact}_{self.image_size}px_{self.fingerprint[:16]}.npz"
+        crop = "_crop" if self.center_crop else ""
+        name = f"{readable}-{exact}_{self.image_size}px{crop}_{self.fingerprint[:16]}.npz"
         return self.cache_dir / name
 
     def _read_cache(self, spec: str) -> tuple[dict[int, np.ndarray], np.ndarray | None]:

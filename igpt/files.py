@@ -38,6 +38,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     staging = path.with_name(f".{path.stem}.{token}.tmp{path.suffix}")
     try:
         yield staging
+        if path.is_dir() and not staging.is_dir():
+            raise IsADirectoryError(f"{path} is a directory; not replacing it with a file")
         if path.is_dir() and not path.is_symlink():
             old = path.with_name(f".{path.name}.{token}.old")
             os.replace(path, old)

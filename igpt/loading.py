@@ -14,6 +14,7 @@ leaves a half-written model where a complete one was.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 from pathlib import Path
@@ -63,8 +64,15 @@ def is_model_dir(path: str | os.PathLike) -> bool:
 
 
 def is_workdir(path: str | os.PathLike) -> bool:
-    """True if `path` is a training workdir (it has a checkpoints directory)."""
-    return (Path(path) / checkpoints.CHECKPOINTS_DIR).is_dir()
+    """True if `path` is a training workdir: it has a checkpoints directory, or a run's
+    config.json (a run killed before its first checkpoint)."""
+    path = Path(path)
+    if (path / checkpoints.CHECKPOINTS_DIR).is_dir():
+        return True
+    try:
+        return "optimizer" in json.loads((path / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return False
 
 
 def load_model(
@@ -93,11 +101,7 @@ def load_model(
         params = _restore(path / PARAMS_DIR, config, shardings_for(config))
         return LoadedModel(config, params, _model_dir_palette(path), str(path), "model_dir")
     if is_workdir(path):
-        step = checkpoints.latest_step(path) if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"{path} is a training workdir without a checkpoint yet")
-        config = checkpoints.read_model_config(path, step)
-        params = checkpoints.read_params(path, step, config, shardings_for(config))
+        step, config, params = _read_workdir(path, step, shardings_for)
         return LoadedModel(config, params, _model_dir_palette(path), str(path), "workdir", step)
     text = str(path)
     if not path.exists() and not (_HUB_ID.match(text) and not Path(path.parts[0]).exists()):
@@ -107,6 +111,32 @@ def load_model(
         )
     config, params, palette = convert.load_hf(path)
     return LoadedModel(config, place(params, shardings_for(config)), palette, text, "transformers")
+
+
+def _read_workdir(path: Path, step: int | None, shardings_for):
+    """`(step, config, params)` of checkpoint `step`, or of the newest one that reads (saying
+    which damaged ones it passed over)."""
+    steps = [step] if step is not None else sorted(checkpoints.all_steps(path), reverse=True)
+    if not steps:
+        raise FileNotFoundError(f"{path} is a training workdir without a checkpoint yet")
+    for candidate in steps:
+        try:
+            config = checkpoints.read_model_config(path, candidate)
+            return (
+                candidate,
+                config,
+                checkpoints.read_params(path, candidate, config, shardings_for(config)),
+            )
+        except Exception as error:  # noqa: BLE001 - any failure to read means damage
+            if step is not None:
+                raise ValueError(f"checkpoint {step} of {path} cannot be read: "
+                                 f"{checkpoints.describe(error)}") from None  # fmt: skip
+            print(
+                f"checkpoint {candidate} of {path} is damaged "
+                f"({checkpoints.describe(error)}); trying the one before",
+                flush=True,
+            )
+    raise ValueError(f"no checkpoint of {path} can be read (steps {sorted(steps)})")
 
 
 def read_model_config(path: str | os.PathLike) -> ModelConfig:

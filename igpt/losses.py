@@ -12,6 +12,12 @@ def model_inputs(tokens_BxT: jax.Array, sos_id: int) -> jax.Array:
     return jnp.concatenate([sos, tokens_BxT[:, :-1]], axis=1)
 
 
+def classifier_inputs(tokens_BxT: jax.Array) -> jax.Array:
+    """The ids a classifier reads: the image's own tokens, no SOS (transformers' convention for
+    ImageGPTForImageClassification, which takes the processor's input_ids as they are)."""
+    return tokens_BxT
+
+
 def token_nll(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> jax.Array:
     """Negative log-likelihood in nats of each target under its logits, shape (B, T)."""
     log_probs = jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32), axis=-1)

@@ -11,12 +11,14 @@ layer at a time over per-layer caches, for samplers that feed one token per step
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from igpt.config import ModelConfig
@@ -265,11 +267,16 @@ class Block(nn.Module):
 # bind to it under their names) and, unbound, by `decode_step`.
 
 
+# The residual stream stays float32 whatever the compute dtype (only matmul inputs are cast):
+# through 24-60 layers, bf16 residual adds would lose the small updates of each block. So the
+# embeddings are looked up in float32, and the head accumulates its logits in float32.
+
+
 def _wte(cfg: ModelConfig) -> nn.Embed:
     return nn.Embed(
         cfg.vocab_size,
         cfg.n_embd,
-        dtype=cfg.compute_dtype,
+        dtype=jnp.float32,
         param_dtype=cfg.storage_dtype,
         embedding_init=_logical(_normal(0.02), ("vocab", "embed")),
         name="wte",
@@ -280,7 +287,7 @@ def _wpe(cfg: ModelConfig) -> nn.Embed:
     return nn.Embed(
         cfg.n_positions,
         cfg.n_embd,
-        dtype=cfg.compute_dtype,
+        dtype=jnp.float32,
         param_dtype=cfg.storage_dtype,
         embedding_init=_logical(_normal(0.01), (None, "embed")),
         name="wpe",
@@ -295,7 +302,8 @@ def _lm_head(cfg: ModelConfig) -> nn.Dense:
     return nn.Dense(
         cfg.palette_size,
         use_bias=False,
-        dtype=cfg.compute_dtype,
+        dtype=cfg.compute_dtype,  # inputs and kernel in the compute dtype, logits in float32
+        dot_general=functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32),
         param_dtype=cfg.storage_dtype,
         kernel_init=_logical(_zeros, ("embed", "vocab")),
         name="lm_head",
@@ -319,7 +327,14 @@ class ImageGPT(nn.Module):
         self, input_ids: jax.Array, *, decode: bool = False, deterministic: bool = True
     ) -> ModelOutput:
         cfg = self.config
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be (batch, tokens), got shape {input_ids.shape}")
         t = input_ids.shape[1]
+        if t > cfg.n_positions:
+            raise ValueError(
+                f"{t} input ids are more than n_positions={cfg.n_positions}: the model reads SOS "
+                f"plus the first {cfg.n_positions - 1} pixel ids (igpt.losses.model_inputs)"
+            )
 
         start = jnp.zeros((), jnp.int32)
         if decode:
@@ -395,6 +410,22 @@ def init_cache(config: ModelConfig, batch_size: int, length: int | None = None) 
         lambda r, x: ImageGPT(config).init(r, x, decode=True), jax.random.key(0), ids
     )["cache"]
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), nn.meta.unbox(shapes))
+
+
+def check_ids(ids, config: ModelConfig, *, sos: bool = False) -> np.ndarray:
+    """Host ids checked against a model: integers in [0, palette_size) (or SOS with `sos`), at
+    most n_positions per row; a one-line ValueError otherwise (`jnp.take` would silently clamp
+    an out-of-range id). Returns them as int32 numpy."""
+    ids = np.asarray(ids)
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"ids must be integers, got dtype {ids.dtype}")
+    if ids.ndim and ids.shape[-1] > config.n_positions:
+        raise ValueError(f"{ids.shape[-1]} ids per image exceed n_positions={config.n_positions}")
+    top = config.vocab_size if sos else config.palette_size
+    if ids.size and (ids.min() < 0 or ids.max() >= top):
+        what = "palette colours and SOS" if sos else "palette colours, no SOS"
+        raise ValueError(f"ids must lie in 0..{top - 1} ({what}); got [{ids.min()}, {ids.max()}]")
+    return ids.astype(np.int32)
 
 
 def split_layers(stacked: dict, n_layer: int) -> tuple[dict, ...]:

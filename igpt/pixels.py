@@ -45,8 +45,24 @@ def to_rgb(image: Image.Image | np.ndarray) -> np.ndarray:
 
     Greyscale is replicated to three channels; an alpha channel (or a palette transparency) is
     composited onto white, as the transformers processor does with `do_convert_rgb=True`.
+    16-bit greyscale (PIL modes I;16 and I) is scaled to 8 bits (v / 257, rounded); PIL itself
+    reduces 16-bit RGB to 8 bits; CMYK is converted by PIL.
     """
     if isinstance(image, Image.Image):
+        if image.mode.startswith("I"):  # 16-bit (I;16, I;16B, ...) or 32-bit integer grey
+            # PIL's convert("RGB") clips these at 255, crushing them to black and white.
+            values = np.asarray(image, np.int64)
+            if values.size and (values.min() < 0 or values.max() > 65535):
+                raise ValueError(
+                    f"a mode {image.mode} image with values in [{values.min()}, {values.max()}]"
+                    " is not a 16-bit image; convert it to 8-bit RGB first"
+                )
+            grey = np.rint(values / 257.0).astype(np.uint8)  # 0..65535 -> 0..255
+            return np.repeat(grey[..., None], 3, axis=-1)
+        if image.mode == "F":
+            raise ValueError(
+                "a 32-bit float image has no fixed value range; convert it to 8-bit RGB first"
+            )
         if "A" in image.getbands() or image.info.get("transparency") is not None:
             rgba = image.convert("RGBA")
             white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 from pathlib import Path
 
@@ -27,8 +26,11 @@ import numpy as np
 import optax
 
 from igpt import data as data_lib
-from igpt.features import FeatureExtractor
+from igpt import files
+from igpt.data.augment import central_square
+from igpt.features import FeatureExtractor, check_layers
 from igpt.figures import line_chart
+from igpt.lock import DirectoryLock
 from igpt.pixels import pixel_values, resize, to_rgb
 
 PROBE_JSON = "probe.json"
@@ -45,19 +47,21 @@ class ProbeSettings:
         features have at most `full_batch_max` entries.
       full_batch_max: size limit (examples x features) of the full-batch solver under "auto".
       max_iter, tol: L-BFGS stops after max_iter iterations or when the gradient norm < tol.
-      sgd_epochs, sgd_batch_size, sgd_learning_rate, sgd_momentum: the SGD solver; the rate
-        decays from its peak to 0 with a cosine over all steps.
-      seed: shuffles the SGD batches.
+      sgd_epochs, sgd_batch_size, sgd_learning_rates, sgd_momentum: the SGD solver (the paper's
+        ImageNet probe): momentum, a cosine decay from the peak rate to 0 over all steps, and
+        each peak rate of `sgd_learning_rates` tried with each L2 strength, the best pair kept
+        by validation accuracy.
+      seed: shuffles the SGD batches; the low-data subsets are drawn from seed, seed + 1, ...
     """
 
-    l2_grid: tuple[float, ...] = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5)
+    l2_grid: tuple[float, ...] = (1.0, 3e-1, 1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5)
     solver: str = "auto"
     full_batch_max: int = 1 << 28
     max_iter: int = 1000
     tol: float = 1e-5
     sgd_epochs: int = 30
     sgd_batch_size: int = 1024
-    sgd_learning_rate: float = 0.1
+    sgd_learning_rates: tuple[float, ...] = (1.0, 0.3, 0.1, 0.03)
     sgd_momentum: float = 0.9
     seed: int = 0
 
@@ -66,6 +70,8 @@ class ProbeSettings:
             raise ValueError(f"probe.solver={self.solver!r}: choose 'auto', 'lbfgs' or 'sgd'")
         if not self.l2_grid or min(self.l2_grid) < 0:
             raise ValueError(f"probe.l2_grid={self.l2_grid} must be non-empty and non-negative")
+        if not self.sgd_learning_rates or min(self.sgd_learning_rates) <= 0:
+            raise ValueError(f"probe.sgd_learning_rates={self.sgd_learning_rates} must be > 0")
 
 
 def l2_to_c(l2: float, num_examples: int) -> float:
@@ -87,6 +93,7 @@ class LinearProbe:
     weights: np.ndarray  # (D, K)
     bias: np.ndarray  # (K,)
     l2: float
+    learning_rate: float | None = None  # the SGD solver's peak rate; None for L-BFGS
 
     def logits(self, features: np.ndarray) -> np.ndarray:
         """(N, D) raw features -> (N, K) class logits."""
@@ -151,8 +158,10 @@ def fit_sgd(
     settings: ProbeSettings,
     mean: np.ndarray,
     scale: np.ndarray,
+    learning_rate: float,
 ) -> dict:
-    """Minimise `objective` by mini-batch SGD with momentum and a cosine schedule.
+    """Minimise `objective` by mini-batch SGD with momentum and a cosine schedule from
+    `learning_rate` to 0.
 
     Raw features stay on the host; each batch is standardised on the device, so the full
     set is never copied there.
@@ -160,9 +169,7 @@ def fit_sgd(
     n = len(features)
     batch = min(settings.sgd_batch_size, n)
     steps_per_epoch = math.ceil(n / batch)
-    schedule = optax.cosine_decay_schedule(
-        settings.sgd_learning_rate, settings.sgd_epochs * steps_per_epoch
-    )
+    schedule = optax.cosine_decay_schedule(learning_rate, settings.sgd_epochs * steps_per_epoch)
     tx = optax.sgd(schedule, momentum=settings.sgd_momentum)
     mean, scale = jnp.asarray(mean), jnp.asarray(scale)
 
@@ -186,24 +193,19 @@ def fit_sgd(
     return params
 
 
-def fit_probe(
+def fit_probes(
     train: tuple[np.ndarray, np.ndarray],
-    val: tuple[np.ndarray, np.ndarray],
-    settings: ProbeSettings = ProbeSettings(),
-    num_classes: int | None = None,
-) -> tuple[LinearProbe, dict[float, float]]:
-    """Fit a probe for each L2 strength of the grid on `train` = (features, labels) and keep
-    the one with the best accuracy on `val` (ties: the stronger L2).
-
-    Strengths are fitted from strongest to weakest, each starting from the previous solution.
-    Returns the probe and the validation accuracy of every strength.
-    """
+    l2s,
+    settings: ProbeSettings,
+    num_classes: int,
+    learning_rate: float | None = None,
+) -> list[LinearProbe]:
+    """One probe per L2 strength (in the order given) on `train` = (features, labels), with
+    features standardised by the training split's own statistics. Full-batch fits start from
+    the previous solution, so give strengths from strongest to weakest."""
     x, y = np.asarray(train[0], np.float32), np.asarray(train[1])
-    val_x, val_y = val
-    labels = np.concatenate([y, val_y])
-    if labels.min() < 0:
+    if y.min() < 0:
         raise ValueError("probes need labelled examples; the split has labels of -1")
-    num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
     mean, scale = standardizer(x)
     solver = settings.solver
     if solver == "auto":
@@ -214,17 +216,43 @@ def fit_probe(
         "w": jnp.zeros((x.shape[1], num_classes), jnp.float32),
         "b": jnp.zeros((num_classes,), jnp.float32),
     }
-    best, best_acc, grid = None, -1.0, {}
-    for l2 in sorted(settings.l2_grid, reverse=True):
+    probes = []
+    for l2 in l2s:
         if solver == "lbfgs":
             params = fit_lbfgs(x_std, y, l2, params, settings)
         else:
-            params = fit_sgd(x, y, l2, params, settings, mean, scale)
+            rate = settings.sgd_learning_rates[0] if learning_rate is None else learning_rate
+            params = fit_sgd(x, y, l2, params, settings, mean, scale, rate)
         w, b = jax.device_get((params["w"], params["b"]))
-        probe = LinearProbe(mean, scale, np.asarray(w), np.asarray(b), float(l2))
-        grid[float(l2)] = probe.accuracy(val_x, val_y)
-        if grid[float(l2)] > best_acc:
-            best, best_acc = probe, grid[float(l2)]
+        probes.append(LinearProbe(mean, scale, np.asarray(w), np.asarray(b), float(l2)))
+    return probes
+
+
+def fit_probe(
+    train: tuple[np.ndarray, np.ndarray],
+    val: tuple[np.ndarray, np.ndarray],
+    settings: ProbeSettings = ProbeSettings(),
+    num_classes: int | None = None,
+) -> tuple[LinearProbe, dict[float, float]]:
+    """Fit a probe for each L2 strength of the grid (and, with the SGD solver, each learning
+    rate) on `train` and keep the one with the best accuracy on `val` (ties: the stronger L2).
+
+    Returns the probe and the validation accuracy of every strength (at its best rate).
+    """
+    labels = np.concatenate([np.asarray(train[1]), np.asarray(val[1])])
+    num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
+    l2s = sorted(settings.l2_grid, reverse=True)
+    sgd = settings.solver == "sgd" or (
+        settings.solver == "auto" and np.asarray(train[0]).size > settings.full_batch_max
+    )
+    rates = settings.sgd_learning_rates if sgd else (None,)
+    best, best_acc, grid = None, -1.0, {}
+    for rate in rates:
+        for probe in fit_probes(train, l2s, settings, num_classes, rate):
+            accuracy = probe.accuracy(*val)
+            grid[probe.l2] = max(grid.get(probe.l2, -1.0), accuracy)
+            if accuracy > best_acc:
+                best, best_acc = dataclasses.replace(probe, learning_rate=rate), accuracy
     return best, grid
 
 
@@ -244,14 +272,77 @@ def subsample_per_class(labels: np.ndarray, per_class: int, seed: int = 0) -> np
     return np.sort(np.concatenate(chosen))
 
 
-def pixel_features(spec: str, image_size: int) -> tuple[np.ndarray, np.ndarray]:
+def pixel_features(
+    spec: str, image_size: int, center_crop: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """Raw pixels of a split as features: each image resized to `image_size` (bilinear, as
-    the tokenizer does), scaled to [-1, 1] and flattened; with the labels."""
+    the tokenizer does), scaled to [-1, 1] and flattened; with the labels. A split of grey
+    images (R = G = B everywhere) keeps one channel: its three copies add nothing."""
     source = data_lib.open_source(spec)
     records = [source[i] for i in range(len(source))]
-    images = np.stack([resize(to_rgb(r["image"]), image_size) for r in records])
+    images = [to_rgb(r["image"]) for r in records]
+    if center_crop:
+        images = [central_square(image) for image in images]
+    images = np.stack([resize(image, image_size) for image in images])
     labels = np.asarray([r["label"] for r in records], np.int32)
+    if np.array_equal(images[..., 0], images[..., 1]) and np.array_equal(
+        images[..., 0], images[..., 2]
+    ):
+        images = images[..., :1]
     return pixel_values(images).reshape(len(images), -1), labels
+
+
+def evaluate_features(
+    train: tuple[np.ndarray, np.ndarray],
+    val: tuple[np.ndarray, np.ndarray],
+    test: tuple[np.ndarray, np.ndarray],
+    settings: ProbeSettings = ProbeSettings(),
+    labels_per_class: int = 0,
+    num_subsets: int = 5,
+) -> dict:
+    """The paper's probe protocol on one feature set (section 3.1, 4.7).
+
+    All labels: L2 chosen on `val`, then the probe is refit with that L2 on train + val and
+    its test accuracy reported (`test_acc_refit`, the paper's figure); `test_acc` is the probe
+    fitted on train alone. Low-data (`labels_per_class` = n): `num_subsets` random subsets of n
+    training labels per class, each with its own L2 chosen on n validation labels per class
+    drawn from `val`; the mean and standard deviation of their test accuracy (no refit: it
+    would double the labels).
+    """
+    num_classes = int(max(train[1].max(), val[1].max(), test[1].max())) + 1
+    if not labels_per_class:
+        probe, grid = fit_probe(train, val, settings, num_classes)
+        both = (np.concatenate([train[0], val[0]]), np.concatenate([train[1], val[1]]))
+        (refit,) = fit_probes(both, [probe.l2], settings, num_classes, probe.learning_rate)
+        return {
+            "train_acc": probe.accuracy(*train),
+            "val_acc": grid[probe.l2],
+            "test_acc": probe.accuracy(*test),
+            "test_acc_refit": refit.accuracy(*test),
+            "l2": probe.l2,
+            "C": l2_to_c(probe.l2, len(train[1])),
+            "learning_rate": probe.learning_rate,
+            "val_acc_by_l2": {str(k): v for k, v in grid.items()},
+        }
+    val_accs, test_accs, l2s = [], [], []
+    for subset in range(num_subsets):
+        seed = settings.seed + subset
+        keep = subsample_per_class(train[1], labels_per_class, seed)
+        held = subsample_per_class(val[1], labels_per_class, seed + 10_000)
+        probe, grid = fit_probe(
+            (train[0][keep], train[1][keep]), (val[0][held], val[1][held]), settings, num_classes
+        )
+        val_accs.append(grid[probe.l2])
+        test_accs.append(probe.accuracy(*test))
+        l2s.append(probe.l2)
+    return {
+        "val_acc": float(np.mean(val_accs)),
+        "val_acc_std": float(np.std(val_accs)),
+        "test_acc": float(np.mean(test_accs)),
+        "test_acc_std": float(np.std(test_accs)),
+        "test_acc_by_subset": test_accs,
+        "l2_by_subset": l2s,
+    }
 
 
 def pixel_baseline(
@@ -261,21 +352,15 @@ def pixel_baseline(
     image_size: int,
     settings: ProbeSettings = ProbeSettings(),
     labels_per_class: int = 0,
+    num_subsets: int = 5,
+    center_crop: bool = False,
 ) -> dict:
-    """The same probe on standardised raw pixels instead of model features: the accuracy a
-    representation has to beat. Takes split specs (e.g. "digits:test") and returns
-    train/val/test accuracy and the chosen L2."""
-    splits = {name: pixel_features(spec, image_size) for name, spec in
-              (("train", train), ("val", val), ("test", test))}  # fmt: skip
-    x, y = splits["train"]
-    if labels_per_class:
-        keep = subsample_per_class(y, labels_per_class, settings.seed)
-        splits["train"] = (x[keep], y[keep])
-    probe, _ = fit_probe(splits["train"], splits["val"], settings)
-    return {f"{name}_acc": probe.accuracy(*xy) for name, xy in splits.items()} | {
-        "l2": probe.l2,
-        "C": l2_to_c(probe.l2, len(splits["train"][1])),
-    }
+    """The same protocol (`evaluate_features`) on standardised raw pixels instead of model
+    features: the accuracy a representation has to beat. Takes split specs (e.g.
+    "digits:test")."""
+    splits = [pixel_features(spec, image_size, center_crop) for spec in (train, val, test)]
+    result = evaluate_features(*splits, settings, labels_per_class, num_subsets)
+    return {"image_size": image_size} | result
 
 
 def settings_from_config(probe: ml_collections.ConfigDict) -> ProbeSettings:
@@ -293,78 +378,118 @@ def run_probe(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if not config.init_from:
         raise ValueError("no model to probe: set --config.init_from=DIR")
     workdir = Path(workdir).absolute()
+    cache = Path(config.features_dir or workdir / "features").absolute()
+    with DirectoryLock(workdir, "probe workdir"), DirectoryLock(cache, "feature cache"):
+        return _sweep(config, workdir, cache)
+
+
+def _sweep(config: ml_collections.ConfigDict, workdir: Path, cache: Path) -> dict:
     settings = settings_from_config(config.probe)
     extractor = FeatureExtractor(
         config.init_from,
         batch_size=config.batch_size,
         mesh_shape=config.mesh_shape,
-        cache_dir=config.features_dir or workdir / "features",
+        cache_dir=cache,
         palette=config.data.palette,
+        center_crop=config.data.center_crop,
     )
     specs = {"train": config.data.train, "val": config.data.val, "test": config.data.test}
-    splits = {name: extractor.features(spec, config.layers) for name, spec in specs.items()}
-    train_features, train_labels = splits["train"]
-    if config.labels_per_class:
-        keep = subsample_per_class(train_labels, config.labels_per_class, settings.seed)
-        train_features = {layer: x[keep] for layer, x in train_features.items()}
-        train_labels = train_labels[keep]
+    layers = check_layers(extractor.config, config.layers)
+    concat = tuple(config.concat_layers)
+    wanted = tuple(sorted(set(layers) | set(concat)))
+    splits = {name: extractor.features(spec, wanted) for name, spec in specs.items()}
+    low_data = config.labels_per_class
+    headline = "test_acc" if low_data else "test_acc_refit"
+
+    def features(layer_set):
+        return [
+            (np.concatenate([splits[n][0][k] for k in layer_set], axis=1), splits[n][1])
+            for n in ("train", "val", "test")
+        ]
+
+    def evaluate(layer_set):
+        return evaluate_features(*features(layer_set), settings, low_data, config.num_subsets)
 
     rows = []
-    for layer, x in train_features.items():
-        probe, grid = fit_probe(
-            (x, train_labels), (splits["val"][0][layer], splits["val"][1]), settings
-        )
-        accuracy = {
-            "train_acc": probe.accuracy(x, train_labels),
-            "val_acc": grid[probe.l2],
-            "test_acc": probe.accuracy(splits["test"][0][layer], splits["test"][1]),
-        }
-        rows.append({"layer": layer, **accuracy, "l2": probe.l2,
-                     "C": l2_to_c(probe.l2, len(train_labels)),
-                     "val_acc_by_l2": {str(k): v for k, v in grid.items()}})  # fmt: skip
+    for layer in layers:
+        row = {"layer": layer} | evaluate((layer,))
+        rows.append(row)
+        spread = f" +- {100 * row['test_acc_std']:.2f}" if low_data else ""
         print(
-            f"layer {layer:3d}: train {100 * accuracy['train_acc']:6.2f}  val "
-            f"{100 * accuracy['val_acc']:6.2f}  test {100 * accuracy['test_acc']:6.2f}  "
-            f"(l2 {probe.l2:g})",
+            f"layer {layer:3d}: val {100 * row['val_acc']:6.2f}  test "
+            f"{100 * row[headline]:6.2f}{spread}",
             flush=True,
         )
     best = max(rows, key=lambda row: row["val_acc"])  # the first (shallowest) on ties
     result = {
         "init_from": str(config.init_from),
         "splits": specs,
-        "num_train": len(train_labels),
-        "labels_per_class": config.labels_per_class,
+        "num_train": len(splits["train"][1]),
+        "labels_per_class": low_data,
+        "num_subsets": config.num_subsets if low_data else 0,
+        "protocol": (
+            f"{config.num_subsets} subsets of {low_data} labels per class, L2 chosen per subset "
+            "on as many validation labels; test_acc is their mean"
+            if low_data
+            else "L2 and layer chosen on val; test_acc_refit: refit on train+val (the paper's)"
+        ),
+        "headline": headline,
         "num_layers": extractor.config.n_layer,
         "layers": rows,
         "best_layer": best["layer"],
-        "best": {k: best[k] for k in ("train_acc", "val_acc", "test_acc", "l2", "C")},
+        "best": {k: v for k, v in best.items() if k != "val_acc_by_l2"},
     }
+    if concat:
+        result["concat"] = {"layers": list(concat)} | evaluate(concat)
+        print(
+            f"layers {list(concat)} concatenated: val {100 * result['concat']['val_acc']:.2f}"
+            f"  test {100 * result['concat'][headline]:.2f}",
+            flush=True,
+        )
     if config.baseline:
-        result["raw_pixels"] = pixel_baseline(
-            specs["train"], specs["val"], specs["test"], extractor.image_size, settings,
-            config.labels_per_class,
-        )  # fmt: skip
-        print(f"raw pixels: test {100 * result['raw_pixels']['test_acc']:.2f}", flush=True)
+        sizes = sorted({extractor.image_size, *config.baseline_sizes})
+        result["raw_pixels"] = {
+            str(size): pixel_baseline(
+                specs["train"],
+                specs["val"],
+                specs["test"],
+                size,
+                settings,
+                low_data,
+                config.num_subsets,
+                config.data.center_crop,
+            )
+            for size in sizes
+        }
+        for size, pixels in result["raw_pixels"].items():
+            print(
+                f"raw pixels {size}x{size}: val {100 * pixels['val_acc']:.2f}  test "
+                f"{100 * pixels[headline]:.2f}",
+                flush=True,
+            )
     print(
         f"best layer {best['layer']} (val {100 * best['val_acc']:.2f}): test accuracy "
-        f"{100 * best['test_acc']:.2f}",
+        f"{100 * best[headline]:.2f}",
         flush=True,
     )
     if jax.process_index() == 0:
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / PROBE_JSON).write_text(json.dumps(result, indent=2) + "\n")
+        files.write_json(workdir / PROBE_JSON, result)
         plot_probe(result, workdir / PROBE_PLOT)
     return result
 
 
-def plot_probe(result: dict, path: str | Path) -> Path:
-    """The paper's figure: probe accuracy against layer, the best layer marked, and the
-    raw-pixel baseline as a dashed line when present."""
-    rows = result["layers"]
-    series = {name: [100 * row[f"{name}_acc"] for row in rows] for name in ("train", "val", "test")}
-    references = {}
-    if "raw_pixels" in result:
-        references["raw pixels (test)"] = 100 * result["raw_pixels"]["test_acc"]
+def plot_probe(result: dict, path: str | Path) -> Path | None:
+    """The paper's figure: probe accuracy against layer (validation, and test as reported),
+    the best layer marked, and the raw-pixel baselines as dashed lines when present."""
+    rows, headline = result["layers"], result["headline"]
+    series = {
+        "val": [100 * row["val_acc"] for row in rows],
+        "test": [100 * row[headline] for row in rows],
+    }
+    references = {
+        f"raw pixels {size}x{size} (test)": 100 * pixels[headline]
+        for size, pixels in result.get("raw_pixels", {}).items()
+    }
     return line_chart(
         path,
         [row["layer"] for row in rows],

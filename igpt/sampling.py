@@ -20,7 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from igpt.config import ModelConfig
-from igpt.model import decode_step, init_cache, split_layers
+from igpt.model import check_ids, decode_step, init_cache, split_layers
 
 
 def filter_logits(
@@ -324,6 +324,7 @@ def complete(
         raise ValueError(
             f"ids must have shape (N, {config.n_positions}) for this model; got {ids.shape}"
         )
+    ids = check_ids(ids, config)
     if num_completions < 1:
         raise ValueError(f"num_completions={num_completions} must be >= 1")
     prompt_len = rows_to_prompt_len(config, rows_kept)

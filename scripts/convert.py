@@ -21,8 +21,12 @@ FLAGS = flags.FLAGS
 
 
 def main():
+    from pathlib import Path
+
     import igpt
 
+    if Path(FLAGS.out).exists() and not FLAGS.overwrite:
+        raise FileExistsError(f"--out={FLAGS.out} exists; pass --overwrite to replace it")
     if FLAGS.from_hf:
         config, params, palette = igpt.load_hf(FLAGS.from_hf)
         out = igpt.save_model(FLAGS.out, config, params, palette, overwrite=FLAGS.overwrite)

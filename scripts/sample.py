@@ -62,6 +62,9 @@ def main():
     from igpt.sampling import complete, rows_to_prompt_len, sample_batched
     from igpt.tokenizer import ColorTokenizer
 
+    out = Path(FLAGS.out)
+    if out.is_dir() or out.with_suffix(".npz").is_dir():
+        raise cli.UsageError(f"--out={out} (or its .npz) is a directory; name a .png file")
     model = load_model(FLAGS.model)
     config, params = model.config, model.params
     palette = read_palette(FLAGS.palette) if FLAGS.palette else model.palette
@@ -100,7 +103,6 @@ def main():
         picture = figures.sample_sheet(tokenizer.decode(ids), scale)
         arrays = {"ids": ids}
         what = f"{FLAGS.num} samples"
-    out = Path(FLAGS.out)
     with files.atomic_path(out) as png, files.atomic_path(out.with_suffix(".npz")) as npz:
         figures.save_png(png, picture)
         np.savez(npz, **arrays)

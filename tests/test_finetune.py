@@ -56,13 +56,12 @@ def _val_examples(count=None):
 
 
 def _igpt_class_logits(model_dir, images):
-    """Class logits of an igpt model dir computed directly (no data pipeline, no trainer)."""
+    """Class logits of an igpt model dir computed directly (no data pipeline, no trainer): the
+    classifier reads the image's ids as they are, no SOS (transformers' convention)."""
     model = igpt.load_model(model_dir)
-    config, params = model.config, model.params
-    tokens = igpt.ColorTokenizer(model.palette, size=8).encode(images)
-    ids = np.concatenate([np.full((len(tokens), 1), config.sos_id), tokens[:, :-1]], axis=1)
-    out = igpt.ImageGPT(config).apply({"params": params}, jnp.asarray(ids, jnp.int32))
-    return np.asarray(out.class_logits), ids
+    ids = igpt.ColorTokenizer(model.palette, size=8).encode(images)
+    out = igpt.ImageGPT(model.config).apply({"params": model.params}, jnp.asarray(ids))
+    return np.asarray(out.class_logits)
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +85,7 @@ def test_finetuning_beats_chance_and_keeps_the_best_model(straight_run):
 
     # The saved best model has exactly the best validation accuracy, computed independently.
     images, labels = _val_examples()
-    logits, _ = _igpt_class_logits(workdir / "best", images)
+    logits = _igpt_class_logits(workdir / "best", images)
     assert np.mean(np.argmax(logits, -1) == labels) == pytest.approx(results["val_accuracy"])
     assert (workdir / "finetune_accuracy.png").exists()
 
@@ -133,18 +132,21 @@ def test_early_stopping_stops_and_stays_stopped(pretrained, tmp_path, capsys):
 
 def test_transformers_export_predicts_the_same_classes(straight_run, tmp_path):
     torch = pytest.importorskip("torch")
-    from transformers import ImageGPTForImageClassification
+    from transformers import ImageGPTForImageClassification, ImageGPTImageProcessor
 
     workdir, _ = straight_run
     best = igpt.load_model(workdir / "best")
     params = best.params
     igpt.save_hf(best.config, params, tmp_path / "hf", best.palette)
     model = ImageGPTForImageClassification.from_pretrained(tmp_path / "hf").eval()
+    processor = ImageGPTImageProcessor.from_pretrained(tmp_path / "hf")
 
+    # End to end as a transformers user would: real digits -> their processor -> their model.
     images, _ = _val_examples(64)
-    ours, ids = _igpt_class_logits(workdir / "best", images)
+    ours = _igpt_class_logits(workdir / "best", images)
+    ids = processor(list(images), return_tensors="pt")["input_ids"]
     with torch.no_grad():
-        theirs = model(torch.as_tensor(ids)).logits.numpy()
+        theirs = model(ids).logits.numpy()
     np.testing.assert_array_equal(np.argmax(theirs, -1), np.argmax(ours, -1))
     np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=1e-4)
     assert len(set(np.argmax(ours, -1))) > 2  # a trained head, not a constant prediction
@@ -152,8 +154,8 @@ def test_transformers_export_predicts_the_same_classes(straight_run, tmp_path):
     # The export is itself a valid init_from for a run config, which stores the MLP width
     # explicitly where transformers' config says n_inner=None.
     config = _config(tmp_path / "hf")
-    run = setup(config, tmp_path / "run", base_model=read_model_config(tmp_path / "hf"))
-    loaded = load_init_params(run)
+    with setup(config, tmp_path / "run", base_model=read_model_config(tmp_path / "hf")) as run:
+        loaded = load_init_params(run)
     np.testing.assert_array_equal(loaded["score"]["kernel"], params["score"]["kernel"])
 
 

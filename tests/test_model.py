@@ -190,3 +190,43 @@ def test_dot_product_attention_option_matches_the_default():
     np.testing.assert_allclose(fused.logits, exact, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="supports neither attn_pdrop"):
         TINY.replace(attention="dot_product", attn_pdrop=0.1)
+
+
+def test_bfloat16_keeps_float32_logits_and_a_converted_models_loss():
+    from reference_models import random_hf_model
+
+    hf = random_hf_model(seed=5, n_embd=64, n_layer=3, n_head=4, n_positions=64)
+    config, params = _converted(hf)
+    ids = _ids(config, batch=4)
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        out = igpt.ImageGPT(config.replace(dtype=dtype)).apply({"params": params}, ids)
+        losses[dtype] = float(next_token_loss(out.logits, ids))
+        if dtype == "bfloat16":  # accumulated in float32, not rounded to bf16
+            logits = np.asarray(out.logits)
+            rounded = np.asarray(jnp.asarray(logits).astype(jnp.bfloat16).astype(jnp.float32))
+            assert out.logits.dtype == jnp.float32 and np.mean(logits != rounded) > 0.5
+    assert abs(losses["bfloat16"] - losses["float32"]) < 0.01
+
+
+def _converted(hf):
+    from igpt.convert import CAUSAL_LM, config_from_hf, params_from_hf
+
+    config, _ = config_from_hf(hf.config.to_dict() | {"architectures": [CAUSAL_LM]})
+    tensors = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
+    return config, params_from_hf(config, tensors, CAUSAL_LM)
+
+
+def test_bad_input_ids_are_clear_errors():
+    params = igpt.init_params(TINY, jax.random.key(0))
+    too_long = jnp.zeros((1, TINY.n_positions + 1), jnp.int32)
+    with pytest.raises(ValueError, match="more than n_positions"):
+        igpt.ImageGPT(TINY).apply({"params": params}, too_long)
+    with pytest.raises(ValueError, match=r"ids must lie in 0\.\.511"):
+        igpt.complete(TINY, params, jax.random.key(0), np.full((1, TINY.n_positions), 512))
+
+
+def test_default_norm_epsilon_is_transformers_default():
+    from transformers import ImageGPTConfig
+
+    assert igpt.ModelConfig().layer_norm_epsilon == ImageGPTConfig().layer_norm_epsilon == 1e-5

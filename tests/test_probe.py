@@ -15,6 +15,7 @@ from igpt.figures import COLOURS
 from igpt.probe import (
     ProbeSettings,
     c_to_l2,
+    evaluate_features,
     fit_probe,
     l2_to_c,
     objective,
@@ -154,28 +155,84 @@ def test_labels_per_class_subsample():
 def test_probe_cli_sweeps_layers_and_writes_json_and_plot(digits_model_dir, tmp_path):
     out = tmp_path / "probe"
     overrides = {"init_from": digits_model_dir, "data.train": "digits:train[:400]",
-             "data.val": "digits:train[1100:1300]", "data.test": "digits:test[:200]",
-             "batch_size": 100, "probe.l2_grid": "(1e-2,1e-3)"}  # fmt: skip
+                 "data.val": "digits:train[1100:1300]", "data.test": "digits:test[:200]",
+                 "batch_size": 100, "probe.l2_grid": "(1e-2,1e-3)", "concat_layers": "(1,2)",
+                 "baseline_sizes": "(4,)"}  # fmt: skip
     result = run_script("probe", "--config=configs/probe.py", f"--workdir={out}",
                         *flags(overrides))  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "probe.json").read_text())
     rows = report["layers"]
-    assert [row["layer"] for row in rows] == [0, 1, 2, 3]
+    assert [row["layer"] for row in rows] == [0, 1, 2, 3] and report["headline"] == "test_acc_refit"
     for row in rows:
         assert row["l2"] in (1e-2, 1e-3) and row["C"] == pytest.approx(1 / (row["l2"] * 400))
-        assert all(0 <= row[k] <= 1 for k in ("train_acc", "val_acc", "test_acc"))
+        keys = ("train_acc", "val_acc", "test_acc", "test_acc_refit")
+        assert all(0 <= row[k] <= 1 for k in keys)
     best = max(rows, key=lambda row: row["val_acc"])
     assert report["best_layer"] == best["layer"] and report["num_train"] == 400
-    assert report["raw_pixels"]["test_acc"] > 0.8  # raw pixels already separate digits well
+    assert report["concat"]["layers"] == [1, 2]
+    assert sorted(report["raw_pixels"]) == ["4", "8"]
+    assert report["raw_pixels"]["8"]["test_acc_refit"] > 0.8  # pixels already separate digits
     assert f"best layer {best['layer']}" in result.stdout
-    assert f"test accuracy {100 * best['test_acc']:.2f}" in result.stdout
+    assert f"test accuracy {100 * best['test_acc_refit']:.2f}" in result.stdout
 
     with Image.open(out / "probe_accuracy.png") as image:
         assert image.size == (800, 500)
         colours = {c for _, c in image.convert("RGB").getcolors(1 << 20)}
-    assert set(COLOURS[:3]) <= colours  # the train, val and test lines were drawn
+    assert set(COLOURS[:2]) <= colours  # the validation and test lines were drawn
     assert len(list((out / "features").glob("*.npz"))) == 3
+
+
+def test_refit_folds_validation_back_into_training(digits_pixels):
+    from sklearn.linear_model import LogisticRegression
+    from threadpoolctl import threadpool_limits
+
+    train, val, test = digits_pixels["train"], digits_pixels["val"], digits_pixels["test"]
+    settings = ProbeSettings(l2_grid=(1e-2, 1e-3))
+    result = evaluate_features(train, val, test, settings)
+    # The refit probe, independently: scikit-learn on train + val standardised by train + val.
+    x = np.concatenate([train[0], val[0]])
+    y = np.concatenate([train[1], val[1]])
+    mean, scale = standardizer(x)
+    reference = LogisticRegression(C=l2_to_c(result["l2"], len(y)), max_iter=10_000, tol=1e-10)
+    with threadpool_limits(1):
+        reference.fit((x - mean) / scale, y)
+    assert (
+        abs(result["test_acc_refit"] - reference.score((test[0] - mean) / scale, test[1])) <= 0.005
+    )
+    only_train, _ = fit_probe(train, val, ProbeSettings(l2_grid=(result["l2"],)))
+    assert result["test_acc"] == only_train.accuracy(*test)
+
+
+def test_the_standardiser_is_fitted_on_the_training_split_alone(digits_pixels):
+    (x, y), (val_x, val_y) = digits_pixels["train"], digits_pixels["val"]
+    probe, _ = fit_probe((x, y), (val_x + 5.0, val_y), ProbeSettings(l2_grid=(1e-2,)))
+    np.testing.assert_allclose(probe.mean, x.mean(axis=0), atol=1e-5)
+    np.testing.assert_allclose(probe.scale, np.where(x.std(0) > 1e-8, x.std(0), 1), rtol=1e-4)
+
+
+def test_low_data_probes_average_five_subsets_with_matching_validation_sizes(
+    digits_pixels, monkeypatch
+):
+    import igpt.probe as probe_module
+
+    seen = []
+    real = probe_module.fit_probe
+
+    def recording(train, val, *args):
+        seen.append((np.bincount(train[1], minlength=10), np.bincount(val[1], minlength=10)))
+        return real(train, val, *args)
+
+    monkeypatch.setattr(probe_module, "fit_probe", recording)
+    train, val, test = digits_pixels["train"], digits_pixels["val"], digits_pixels["test"]
+    result = evaluate_features(train, val, test, ProbeSettings(l2_grid=(1e-1, 1e-3)), 4, 5)
+    assert len(seen) == 5
+    for train_counts, val_counts in seen:
+        assert train_counts.tolist() == [4] * 10 and val_counts.tolist() == [4] * 10
+    accuracies = result["test_acc_by_subset"]
+    assert len(accuracies) == 5 and len(set(accuracies)) > 1  # different subsets
+    assert result["test_acc"] == pytest.approx(np.mean(accuracies))
+    assert result["test_acc_std"] == pytest.approx(np.std(accuracies))
 
 
 def test_probe_cli_errors_are_one_line(tmp_path):

@@ -88,3 +88,78 @@ def test_mesh_shape_errors_are_clear():
         make_mesh((2, 2, 2))
     with pytest.raises(ValueError, match="at most one axis may be -1"):
         make_mesh((-1, -1, 1))
+
+
+def test_train_and_eval_losses_equal_transformers_loss_on_unmasked_examples():
+    """The objective against an independent reference: transformers' causal LM loss with
+    labels = [SOS] + tokens, on the same converted weights, over the unmasked examples only."""
+    import torch
+    from reference_models import random_hf_model
+
+    from igpt.convert import CAUSAL_LM, config_from_hf, params_from_hf
+    from igpt.train.step import make_eval_step
+
+    # 17 positions: transformers reads SOS + all 16 tokens; igpt reads SOS + the first 15.
+    hf = random_hf_model(seed=2, n_embd=32, n_layer=2, n_head=4, n_positions=17)
+    config, _ = config_from_hf(hf.config.to_dict() | {"architectures": [CAUSAL_LM]})
+    params = params_from_hf(config, {k: v.numpy() for k, v in hf.state_dict().items()}, CAUSAL_LM)
+    rng = np.random.default_rng(3)
+    tokens = rng.integers(0, config.palette_size, (6, 16)).astype(np.int32)
+    mask = np.array([True, False, True, True, False, True])
+    batch = {"tokens": tokens, "label": np.zeros(6, np.int32), "mask": mask}
+
+    ids = np.concatenate([np.full((6, 1), config.sos_id), tokens], axis=1)[mask]
+    with torch.no_grad():
+        expected = hf(torch.as_tensor(ids).long(), labels=torch.as_tensor(ids).long()).loss.item()
+
+    mesh = make_mesh((1, 1, 1))
+    sums = make_eval_step(config, mesh)(params, global_batch(batch, mesh))
+    assert float(sums["nll"] / sums["tokens"]) == pytest.approx(expected, rel=1e-5)
+
+    opt = pretrain_defaults().optimizer
+    schedule = learning_rate_schedule(opt, 2, 10)
+    tx = make_optimizer(opt, schedule)
+    state = create_train_state(config, tx, mesh, seed=0).replace(params=params)
+    _, metrics = make_train_step(config, tx, schedule, mesh)(state, global_batch(batch, mesh))
+    assert float(metrics["loss"]) == pytest.approx(expected, rel=1e-5)
+    assert float(metrics["bits_per_token"]) == pytest.approx(expected / np.log(2), rel=1e-5)
+
+
+def test_the_model_reads_sos_then_all_tokens_but_the_last():
+    from igpt.losses import model_inputs
+
+    tokens = np.array([[5, 6, 7, 8], [1, 2, 3, 4]], np.int32)
+    np.testing.assert_array_equal(model_inputs(tokens, 99), [[99, 5, 6, 7], [99, 1, 2, 3]])
+
+
+def test_every_parameter_gets_the_partition_spec_of_the_rules():
+    """A wrong but legal rule changes memory, not results, so equal results cannot catch it:
+    pin each parameter's spec on a (data=2, fsdp=2, tensor=2) mesh."""
+    from jax.sharding import AbstractMesh, AxisType
+    from jax.sharding import PartitionSpec as P
+
+    from igpt.sharding import param_shardings
+
+    mesh = AbstractMesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+    config = igpt.ModelConfig(n_embd=32, n_layer=2, n_head=4, n_positions=16, num_labels=10)
+    specs = jax.tree.map(lambda s: s.spec, param_shardings(config, mesh))
+    expected = {
+        "wte": {"embedding": P(None, "fsdp")},  # vocab 513 replicated, embed over fsdp
+        "wpe": {"embedding": P(None, "fsdp")},
+        "ln_f": {"scale": P("fsdp")},
+        "lm_head": {"kernel": P("fsdp", None)},
+        "score": {"kernel": P("fsdp", None)},
+        "h": {
+            "ln_1": {"scale": P(None, "fsdp")},
+            "ln_2": {"scale": P(None, "fsdp")},
+            "attn": {
+                "c_attn": {"kernel": P(None, "fsdp", None, "tensor", None)},
+                "c_proj": {"kernel": P(None, "tensor", None, "fsdp")},
+            },
+            "mlp": {
+                "c_fc": {"kernel": P(None, "fsdp", "tensor")},
+                "c_proj": {"kernel": P(None, "tensor", "fsdp")},
+            },
+        },
+    }
+    assert jax.tree.map(lambda s: tuple(s), specs) == jax.tree.map(lambda s: tuple(s), expected)

@@ -107,6 +107,14 @@ def random_resized_crop(
     return np.asarray(cropped)
 
 
+def central_square(image: np.ndarray) -> np.ndarray:
+    """The central square of an image, of side its short side (evaluation's centre crop)."""
+    height, width = image.shape[:2]
+    side = min(height, width)
+    top, left = (height - side) // 2, (width - side) // 2
+    return image[top : top + side, left : left + side]
+
+
 def pad_crop(image: np.ndarray, rng: np.random.Generator, pad: int = 4) -> np.ndarray:
     """Reflect-pad `pad` pixels on each side, then crop the original size at a random offset."""
     height, width = image.shape[:2]

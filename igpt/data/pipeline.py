@@ -24,7 +24,7 @@ import jax
 import numpy as np
 from absl import flags
 
-from igpt.data.augment import Augment
+from igpt.data.augment import Augment, central_square
 from igpt.pixels import as_size, resize, to_rgb
 from igpt.tokenizer import ColorTokenizer
 
@@ -113,12 +113,15 @@ def eval_dataset(
     *,
     global_batch_size: int,
     image_size: int | Sequence[int] | None = None,
+    center_crop: bool = False,
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> grain.MapDataset:
     """This process's evaluation batches: every example once over all processes, in order.
 
-    Images are resized whole to the model resolution, as the transformers processor does.
+    Images are resized whole to the model resolution, as the transformers processor does, or
+    with `center_crop` first cut to their central square (the paper's ImageNet evaluation:
+    short side to 224, the centre 224 x 224, then down to the model resolution).
     Process p holds the examples p, p + P, p + 2P, ...; every process gets
     `num_eval_batches(len(source), global_batch_size)` batches, the last ones completed with
     padding (`mask` False, label -1). The result is a grain `MapDataset`: `len()` batches,
@@ -130,7 +133,7 @@ def eval_dataset(
     shard = _PaddedShard(source, index, count, num_batches * batch)
     return (
         grain.MapDataset.source(shard)
-        .map(partial(_resize_example, size=size))
+        .map(partial(_resize_example, size=size, crop=center_crop))
         .batch(batch)
         .map(partial(_tokenize_batch, tokenizer=tokenizer))
     )
@@ -175,9 +178,10 @@ def _augment_example(record: dict, rng: np.random.Generator, *, augment, size) -
     return {"image": augment(record["image"], size, rng), "label": np.int32(record["label"])}
 
 
-def _resize_example(record: dict, *, size) -> dict:
+def _resize_example(record: dict, *, size, crop: bool) -> dict:
+    image = to_rgb(record["image"])
     return {
-        "image": resize(to_rgb(record["image"]), size),
+        "image": resize(central_square(image) if crop else image, size),
         "label": np.int32(record["label"]),
         "mask": np.bool_(record["mask"]),
     }

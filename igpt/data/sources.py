@@ -263,11 +263,21 @@ def digits_source(split: str = "train") -> ArraySource:
 def npz_source(path: str | os.PathLike) -> ArraySource:
     """An .npz file with `images` (N, H, W, 3) uint8 and optional integer `labels` (N,)."""
     try:
+        with open(path, "rb") as file:
+            magic = file.read(6)
+    except OSError as error:
+        raise UnreadableImageError(f"cannot read npz file {path}: {error}") from error
+    if magic == b"\x93NUMPY":
+        raise ValueError(f"{path} is a single array, not an .npz archive; save with np.savez")
+    if not magic.startswith(b"PK"):  # an .npz is a zip archive
+        raise UnreadableImageError(
+            f"{path} is not an .npz archive (a zip of arrays); save it with "
+            "np.savez(path, images=..., labels=...)"
+        )
+    try:
         data = np.load(path, allow_pickle=False)
     except (OSError, EOFError, ValueError) as error:
         raise UnreadableImageError(f"cannot read npz file {path}: {error}") from error
-    if not isinstance(data, np.lib.npyio.NpzFile):
-        raise ValueError(f"{path} is a single array, not an .npz archive; save with np.savez")
     try:
         with data:
             arrays = {name: data[name] for name in data.files}

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import jax
 import orbax.checkpoint as ocp
 
 from igpt.config import ModelConfig
@@ -29,12 +30,12 @@ class Checkpointer:
     """Saves and restores TrainStates and data iterator states under `workdir/checkpoints`."""
 
     def __init__(self, workdir: str | os.PathLike, *, keep: int = 3):
+        """`keep`: how many of the newest checkpoints to keep; 0 keeps them all."""
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, cleanup_tmp_directories=True
+            max_to_keep=keep or None, create=True, cleanup_tmp_directories=True
         )
-        self._manager = ocp.CheckpointManager(
-            Path(workdir).absolute() / CHECKPOINTS_DIR, options=options
-        )
+        self.directory = Path(workdir).absolute() / CHECKPOINTS_DIR
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
         """The newest complete checkpoint's step, or None."""
@@ -76,6 +77,32 @@ class Checkpointer:
         )
         return state, restored["data"]
 
+    def restore_latest(self, abstract_state) -> tuple[object, dict] | None:
+        """`restore` of the newest checkpoint that restores, or None if there is none.
+
+        A damaged checkpoint (a truncated array file, a missing item, garbled metadata) is
+        reported, moved aside to `<step>.damaged` (kept for inspection, out of orbax's sight,
+        so the step can be written again) and the next older one is tried.
+        """
+        for step in sorted(self._manager.all_steps(), reverse=True):
+            try:
+                return self.restore(step, abstract_state)
+            except Exception as error:  # noqa: BLE001 - any failure to read means damage
+                aside = self.directory / f"{step}.damaged"
+                print(
+                    f"checkpoint {step} in {self.directory} is damaged ({describe(error)}); "
+                    f"moved it to {aside.name} and trying the one before",
+                    flush=True,
+                )
+                if jax.process_index() == 0:
+                    os.replace(self.directory / str(step), aside)
+                if jax.process_count() > 1:
+                    from jax.experimental import multihost_utils
+
+                    multihost_utils.sync_global_devices(f"igpt checkpoint {step} moved aside")
+                self._manager.reload()
+        return None
+
     def wait(self) -> None:
         """Block until any save in flight is on disk."""
         self._manager.wait_until_finished()
@@ -99,10 +126,24 @@ def _read_only_manager(workdir: Path) -> ocp.CheckpointManager:
 
 def latest_step(workdir: str | os.PathLike) -> int | None:
     """The newest complete checkpoint's step in a workdir (safe while a run is writing)."""
+    steps = all_steps(workdir)
+    return steps[-1] if steps else None
+
+
+def all_steps(workdir: str | os.PathLike) -> list[int]:
+    """The steps of a workdir's complete checkpoints, oldest first."""
+    if not (Path(workdir) / CHECKPOINTS_DIR).is_dir():
+        return []
     manager = _read_only_manager(Path(workdir).absolute())
-    step = manager.latest_step()
+    steps = sorted(manager.all_steps())
     manager.close()
-    return step
+    return steps
+
+
+def describe(error: Exception) -> str:
+    """An exception as a short one-line description (orbax's can run to many lines)."""
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:200]}{'...' if len(text) > 200 else ''}"
 
 
 def read_model_config(workdir: str | os.PathLike, step: int) -> ModelConfig:

@@ -8,6 +8,8 @@ model a run starts from.
 
 from __future__ import annotations
 
+import math
+
 import ml_collections
 
 from igpt.config import ModelConfig
@@ -54,6 +56,7 @@ def pretrain_defaults() -> ml_collections.ConfigDict:
     c.data.test = ""  # test images, only ever reported (fine-tuning's best model)
     c.data.image_size = 32  # model resolution, checked against model.n_positions (0 = the model's)
     c.data.augment = "none"  # none | flip | imagenet (random resized crop) | cifar (pad-crop-flip)
+    c.data.center_crop = False  # evaluate on the central square (the paper's ImageNet eval)
     c.data.palette = "fit"  # "fit" (k-means on training pixels), "checkpoint" (init_from's),
     #                         a .npy, or a transformers dir
     c.data.palette_pixels = 1_000_000  # pixels sampled to fit the palette
@@ -70,7 +73,7 @@ def pretrain_defaults() -> ml_collections.ConfigDict:
     c.optimizer.b2 = 0.95  # Adam beta2 (0.999 caused loss spikes in the paper)
     c.optimizer.eps = 1e-8  # Adam epsilon
     c.optimizer.weight_decay = 0.0  # decoupled weight decay (the paper uses none)
-    c.optimizer.grad_clip = 1.0  # clip the global gradient norm (0 = off)
+    c.optimizer.grad_clip = 0.0  # clip the global gradient norm (0 = off, the paper: no clipping)
     c.optimizer.warmup_epochs = 1.0  # linear warmup length in epochs of the training set
     c.optimizer.schedule = "cosine"  # cosine (to 0 at num_steps) | constant (after warmup)
 
@@ -81,13 +84,85 @@ def pretrain_defaults() -> ml_collections.ConfigDict:
     c.log_every = 50  # steps between progress lines and metric records
     c.eval_every = 5000  # steps between validation passes and sample grids (0 = only at end)
     c.checkpoint_every = 1000  # steps between checkpoints (also on SIGTERM and at the end)
-    c.keep_checkpoints = 3  # how many recent checkpoints to keep
+    c.keep_checkpoints = 3  # how many recent checkpoints to keep (0 = all)
 
     c.sample = ml_collections.ConfigDict()
     c.sample.num_samples = 16  # images in each sample grid (0 = no pictures at evaluations)
     c.sample.num_completions = 4  # half-image completions per validation image (4 images)
     c.sample.temperature = 1.0  # sampling temperature
     c.sample.top_k = 0  # sample among the k most likely colours (0 = all)
+    return c
+
+
+def finetune_defaults() -> ml_collections.ConfigDict:
+    """A fine-tuning config with the paper's settings (section 3.4): the joint loss, Adam at a
+    constant rate with no warmup and no clipping, early stopping on validation accuracy. The
+    architecture is the `init_from` model's: `model` only sets the classifier size and what
+    may change from pretraining (dtypes, dropout, remat)."""
+    c = pretrain_defaults()
+    c.init_from = ""  # required: igpt model dir, training workdir or transformers dir
+    defaults = c.model
+    c.model = ml_collections.ConfigDict()  # changes to the init_from model (see above)
+    c.model.num_labels = 10  # classes of the classifier head
+    for field in ("dtype", "param_dtype", "remat", "attn_pdrop", "resid_pdrop", "embd_pdrop"):
+        c.model[field] = defaults[field]
+    c.data.val = ""  # required: early stopping and the choice of rate and step
+    c.data.image_size = 0  # the init_from model's resolution
+    c.data.palette = "checkpoint"  # the init_from model's colours (or a .npy / transformers dir)
+
+    c.finetune = ml_collections.ConfigDict()
+    c.finetune.generative_weight = 1.0  # weight of L_gen (0: L_clf alone)
+    c.finetune.classification_weight = 1.0  # weight of L_clf
+    c.finetune.patience = 5  # stop after this many evaluations without a better val accuracy
+    # The paper searches the rate again: one run per rate in WORKDIR/lr_<rate>, the best on
+    # val; () = one run at optimizer.learning_rate in WORKDIR.
+    c.finetune.learning_rates = ()
+    c.finetune.refit_on = ""  # train+val images for the final refit ("" = test the best run)
+
+    c.optimizer.schedule = "constant"  # no cosine when fine-tuning (paper)
+    c.optimizer.warmup_epochs = 0.0  # and no warmup
+    c.optimizer.learning_rate = 3e-4  # 10x below iGPT-S pretraining (0.003)
+    c.sample.num_samples = 0  # no sample grids while fine-tuning
+    return c
+
+
+def probe_defaults() -> ml_collections.ConfigDict:
+    """A linear-probe config with the paper's protocol (section 3.1, 4.7)."""
+    c = ml_collections.ConfigDict()
+    # igpt model dir, training workdir (latest checkpoint) or transformers dir / hub id
+    c.init_from = ""
+    c.layers = ()  # layers to probe, 0 (embeddings) .. n_layer (final norm); () = all
+    c.concat_layers = ()  # also probe these layers' features concatenated (e.g. (2, 3, 4))
+    c.labels_per_class = 0  # low-data probes: training labels kept per class; 0 = all
+    c.num_subsets = 5  # low-data probes: random labelled subsets, reported as mean +- std
+    c.baseline = True  # also probe the raw pixels of the same splits, at the model's resolution
+    c.baseline_sizes = ()  # ... and at these resolutions too (e.g. (28,) for the originals)
+
+    c.data = ml_collections.ConfigDict()
+    c.data.train = ""  # source spec (see igpt.data) the probes are fitted on
+    c.data.val = ""  # chooses each layer's L2 strength and the best layer
+    c.data.test = ""  # reported only
+    c.data.palette = ""  # "" = the checkpoint's own palette; or a .npy / transformers dir
+    c.data.center_crop = False  # features of the central square (the paper's ImageNet eval)
+
+    c.batch_size = 128  # global batch of the feature extraction forward passes
+    c.mesh_shape = (-1, 1, 1)  # devices along (data, fsdp, tensor), as in training
+    c.features_dir = ""  # feature cache ("" = WORKDIR/features); reused across runs
+
+    c.probe = ml_collections.ConfigDict()
+    # L2 strengths on the mean loss (scikit-learn's C = 1 / (l2 * num_train)); best on val
+    c.probe.l2_grid = (1.0, 3e-1, 1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5)
+    c.probe.solver = "auto"  # lbfgs (full batch) | sgd (mini-batch) | auto (by size)
+    c.probe.full_batch_max = 1 << 28  # auto: lbfgs up to this many feature values
+    c.probe.max_iter = 1000  # L-BFGS iterations at most
+    c.probe.tol = 1e-5  # L-BFGS stops when the gradient norm is below this
+    c.probe.sgd_epochs = 30  # SGD passes over the training features (the step count)
+    c.probe.sgd_batch_size = 1024  # SGD mini-batch
+    # SGD peak rates, cosine-decayed to 0, each tried with each L2 (the best pair on val). The
+    # paper swept 30, 10, 3, 1, ... on raw features; igpt standardises features first.
+    c.probe.sgd_learning_rates = (1.0, 0.3, 0.1, 0.03)
+    c.probe.sgd_momentum = 0.9  # SGD momentum
+    c.probe.seed = 0  # SGD batch order; low-data subsets are drawn with seeds seed, seed+1, ...
     return c
 
 
@@ -119,3 +194,65 @@ def build_model_config(
             f" tokens; set --config.data.image_size={model.image_side}"
         )
     return model
+
+
+def _check(problems: list, ok: bool, message: str) -> None:
+    if not ok:
+        problems.append(message)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Check every value of a run config whose mistake would otherwise surface late (after
+    the palette fit, at the first checkpoint or evaluation) or not at all; one line naming
+    each bad field. Runs before anything is written to the workdir."""
+    from igpt.data.augment import Augment  # the data package imports nothing of this module
+
+    p: list[str] = []
+    c, opt = config, config.optimizer
+    _check(p, c.batch_size >= 1, f"batch_size={c.batch_size} must be >= 1")
+    _check(p, c.grad_accum_steps >= 1, f"grad_accum_steps={c.grad_accum_steps} must be >= 1")
+    if c.batch_size >= 1 and c.grad_accum_steps >= 1:
+        _check(
+            p,
+            c.batch_size % c.grad_accum_steps == 0,
+            f"batch_size={c.batch_size} must divide into grad_accum_steps="
+            f"{c.grad_accum_steps} micro-batches",
+        )
+    _check(p, c.num_steps >= 0, f"num_steps={c.num_steps} must be >= 0")
+    _check(p, c.log_every >= 1, f"log_every={c.log_every} must be >= 1")
+    _check(p, c.checkpoint_every >= 1, f"checkpoint_every={c.checkpoint_every} must be >= 1")
+    _check(p, c.eval_every >= 0, f"eval_every={c.eval_every} must be >= 0 (0 = only at the end)")
+    _check(
+        p,
+        c.keep_checkpoints >= 0,
+        f"keep_checkpoints={c.keep_checkpoints} must be >= 0 (0 = keep all)",
+    )
+    for name in ("learning_rate", "eps", "weight_decay", "grad_clip", "warmup_epochs"):
+        value = opt[name]
+        _check(
+            p,
+            math.isfinite(value) and value >= 0,
+            f"optimizer.{name}={value} must be finite and >= 0",
+        )
+    for name in ("b1", "b2"):
+        _check(p, 0 <= opt[name] < 1, f"optimizer.{name}={opt[name]} must be in [0, 1)")
+    _check(
+        p,
+        opt.schedule in ("cosine", "constant"),
+        f"optimizer.schedule={opt.schedule!r}: choose 'cosine' or 'constant'",
+    )
+    try:
+        Augment.parse(c.data.augment)
+    except ValueError as e:
+        p.append(f"data.augment: {e}")
+    _check(p, c.data.palette_pixels >= 1, f"data.palette_pixels={c.data.palette_pixels} >= 1")
+    _check(p, bool(c.data.train), "data.train is empty: set --config.data.train=SPEC")
+    s = c.sample
+    _check(
+        p,
+        s.num_samples >= 0 and s.num_completions >= 1 and s.temperature >= 0 and s.top_k >= 0,
+        "sample: num_samples >= 0, num_completions >= 1, temperature "
+        ">= 0 and top_k >= 0 are needed",
+    )
+    if p:
+        raise ValueError("Invalid config: " + "; ".join(p))

@@ -27,6 +27,7 @@ from igpt import files
 from igpt.config import ModelConfig
 from igpt.figures import line_chart
 from igpt.loading import LoadedModel, is_workdir, load_model, read_model_config, save_model
+from igpt.lock import DirectoryLock
 from igpt.sharding import make_mesh
 from igpt.tokenizer import ColorTokenizer
 from igpt.train import checkpoints
@@ -37,6 +38,7 @@ from igpt.train.step import LossWeights, make_eval_step
 BEST_DIR = "best"
 HISTORY_FILE = "validation.json"
 RESULTS_FILE = "results.json"
+SWEEP_FILE = "sweep.json"
 PLOT_FILE = "finetune_accuracy.png"
 
 
@@ -80,11 +82,7 @@ class EarlyStopping:
         return self.stopped
 
     def _save_best(self, params) -> None:
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            params = multihost_utils.process_allgather(params, tiled=True)
-        params = jax.device_get(params)
+        params = jax.device_get(_gathered(params))
         if jax.process_index() == 0:
             run = self.run
             save_model(
@@ -96,13 +94,25 @@ class EarlyStopping:
             )
 
 
-def evaluate_model(model: LoadedModel, spec: str, *, batch_size: int, mesh) -> dict[str, float]:
+def _gathered(params):
+    """Parameters whole on every process (each holds only its shards of a multi-host mesh)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.process_allgather(params, tiled=True)
+    return params
+
+
+def evaluate_model(
+    model: LoadedModel, spec: str, *, batch_size: int, mesh, center_crop: bool = False
+) -> dict[str, float]:
     """Metrics (accuracy, clf_loss, loss, ...) of a loaded classifier on a labelled split."""
     batches = data_lib.eval_dataset(
         data_lib.open_source(spec),
         ColorTokenizer(model.palette),
         global_batch_size=batch_size,
         image_size=model.config.image_side,
+        center_crop=center_crop,
     )
     return evaluate(make_eval_step(model.config, mesh), model.params, batches, mesh)
 
@@ -116,8 +126,74 @@ def _base_model(config: ml_collections.ConfigDict, workdir: Path) -> ModelConfig
 
 
 def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Fine-tune (or resume fine-tuning) `config.init_from` in `workdir` as configs/finetune.py
-    describes; returns the best model's step, validation and test results (also written to
+    """Fine-tune `config.init_from` as the paper does: one run per learning rate of
+    `finetune.learning_rates` (each in `workdir/lr_<rate>/`, resumable), the rate and step
+    chosen on validation accuracy, then (with `finetune.refit_on`, the train and validation
+    images together) a refit at that rate for that many steps whose test accuracy is
+    reported. Without `learning_rates`, one run at `optimizer.learning_rate` in `workdir`
+    itself. Writes and returns the summary (`workdir/sweep.json` for a sweep)."""
+    rates = tuple(config.finetune.learning_rates)
+    if not rates:
+        return finetune_run(config, workdir)
+    workdir = Path(workdir).absolute()
+    with DirectoryLock(workdir, "fine-tuning sweep"):
+        runs = {}
+        for rate in rates:
+            run_config = config.copy_and_resolve_references()
+            run_config.optimizer.learning_rate = float(rate)
+            run_config.data.test = ""  # chosen on validation; only the final model is tested
+            runs[f"{rate:g}"] = finetune_run(run_config, workdir / f"lr_{rate:g}")
+        best_rate = max(runs, key=lambda rate: runs[rate]["val_accuracy"])  # first on ties
+        best = runs[best_rate]
+        summary = {"runs": runs, "learning_rate": float(best_rate), "best_step": best["best_step"],
+                   "val_accuracy": best["val_accuracy"]}  # fmt: skip
+        print(
+            f"best learning rate {best_rate} (val accuracy {100 * best['val_accuracy']:.2f} "
+            f"at step {best['best_step']})",
+            flush=True,
+        )
+        if config.data.test:
+            if config.finetune.refit_on:
+                refit_config = config.copy_and_resolve_references()
+                refit_config.optimizer.learning_rate = float(best_rate)
+                refit_config.num_steps = best["best_step"]
+                refit_config.data.train = config.finetune.refit_on
+                refit_config.data.val = ""
+                model_dir = _refit(refit_config, workdir / "refit")
+                summary["refit_on"] = config.finetune.refit_on
+            else:
+                model_dir = Path(best["best_model"])
+            model = load_model(model_dir, mesh=make_mesh(config.mesh_shape))
+            metrics = evaluate_model(
+                model,
+                config.data.test,
+                batch_size=config.batch_size,
+                mesh=make_mesh(config.mesh_shape),
+            )
+            summary |= {"test_accuracy": metrics["accuracy"], "tested_model": str(model_dir)}
+            print(f"test accuracy {100 * metrics['accuracy']:.2f} ({model_dir})", flush=True)
+        if jax.process_index() == 0:
+            files.write_json(workdir / SWEEP_FILE, summary)
+    return summary
+
+
+def _refit(config: ml_collections.ConfigDict, workdir: Path) -> Path:
+    """Train on train + val at the chosen rate for the chosen number of steps (no validation
+    left to stop on); the final parameters become `workdir/best`."""
+    with setup(config, workdir, base_model=_base_model(config, workdir)) as run:
+        ft = config.finetune
+        state = train(run, weights=LossWeights(ft.generative_weight, ft.classification_weight))
+        params = jax.device_get(_gathered(state.params))
+        if jax.process_index() == 0:
+            save_model(
+                workdir / BEST_DIR, run.model_config, params, run.tokenizer.palette, overwrite=True
+            )
+    return workdir / BEST_DIR
+
+
+def finetune_run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """One fine-tuning run (or its resumption) at `optimizer.learning_rate` in `workdir`;
+    returns the best model's step, validation and test results (also written to
     `workdir/results.json`, with a plot of validation accuracy by step)."""
     if not config.init_from:
         raise ValueError("fine-tuning needs a pretrained model: set --config.init_from=DIR")
@@ -126,47 +202,51 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if config.model.num_labels < 1:
         raise ValueError("set --config.model.num_labels to the number of classes")
     workdir = Path(workdir).absolute()
-    run = setup(config, workdir, base_model=_base_model(config, workdir))
-    ft = config.finetune
-    stopper = EarlyStopping(run, ft.patience)
-    if stopper.stopped:
-        print(f"early stopping already reached in {workdir}; not training further", flush=True)
-        run.checkpointer.close()
-        run.writer.close()
-    else:
-        evaluation = Evaluation(
-            run, make_eval_step(run.model_config, run.mesh), config.eval_every, [stopper]
-        )
-        weights = LossWeights(ft.generative_weight, ft.classification_weight)
-        train(run, weights=weights, hooks=[evaluation])
-    best = stopper.best
-    if best is None:
-        raise ValueError("no validation pass ran: num_steps must be at least 1")
-    results = {
-        "best_step": best["step"],
-        "val_accuracy": best["accuracy"],
-        "stopped_early": stopper.stopped,
-        "best_model": str(workdir / BEST_DIR),
-    }
-    if config.data.test:
-        mesh = make_mesh(config.mesh_shape)
-        model = load_model(workdir / BEST_DIR, mesh=mesh, rules=run.rules)
-        metrics = evaluate_model(model, config.data.test, batch_size=config.batch_size, mesh=mesh)
-        results |= {"test_accuracy": metrics["accuracy"], "test_clf_loss": metrics["clf_loss"]}
-        print(
-            f"best model (step {best['step']}, val accuracy {100 * best['accuracy']:.2f}): "
-            f"test accuracy {100 * metrics['accuracy']:.2f}",
-            flush=True,
-        )
-    if jax.process_index() == 0:
-        files.write_json(workdir / RESULTS_FILE, results)
-        line_chart(
-            workdir / PLOT_FILE,
-            [h["step"] for h in stopper.history],
-            {"validation accuracy": [100 * h["accuracy"] for h in stopper.history]},
-            title=f"Fine-tuning {config.init_from}",
-            xlabel="step",
-            ylabel="accuracy (%)",
-            highlight_x=best["step"],
-        )
+    with setup(config, workdir, base_model=_base_model(config, workdir)) as run:
+        ft = config.finetune
+        stopper = EarlyStopping(run, ft.patience)
+        if stopper.stopped:
+            print(f"early stopping already reached in {workdir}; not training further")
+        else:
+            eval_step = make_eval_step(run.model_config, run.mesh)
+            evaluation = Evaluation(run, eval_step, config.eval_every, [stopper])
+            weights = LossWeights(ft.generative_weight, ft.classification_weight)
+            state = train(run, weights=weights, hooks=[evaluation])
+            if evaluation.latest_step != int(state.step) and not stopper.stopped:
+                evaluation.run(int(state.step), state)  # owed by a run killed before it
+        best = stopper.best
+        if best is None:
+            raise ValueError("no validation pass ran: num_steps must be at least 1")
+        results = {
+            "best_step": best["step"],
+            "val_accuracy": best["accuracy"],
+            "stopped_early": stopper.stopped,
+            "best_model": str(workdir / BEST_DIR),
+        }
+        if config.data.test:
+            model = load_model(workdir / BEST_DIR, mesh=run.mesh, rules=run.rules)
+            metrics = evaluate_model(
+                model,
+                config.data.test,
+                batch_size=config.batch_size,
+                mesh=run.mesh,
+                center_crop=config.data.center_crop,
+            )
+            results |= {"test_accuracy": metrics["accuracy"], "test_clf_loss": metrics["clf_loss"]}
+            print(
+                f"best model (step {best['step']}, val accuracy {100 * best['accuracy']:.2f}): "
+                f"test accuracy {100 * metrics['accuracy']:.2f}",
+                flush=True,
+            )
+        if jax.process_index() == 0:
+            files.write_json(workdir / RESULTS_FILE, results)
+            line_chart(
+                workdir / PLOT_FILE,
+                [h["step"] for h in stopper.history],
+                {"validation accuracy": [100 * h["accuracy"] for h in stopper.history]},
+                title=f"Fine-tuning {config.init_from}",
+                xlabel="step",
+                ylabel="accuracy (%)",
+                highlight_x=best["step"],
+            )
     return results

@@ -57,6 +57,7 @@ class Evaluation(Periodic):
         super().__init__(every)
         self.run_, self.eval_step, self.listeners = run, eval_step, tuple(listeners)
         self.latest: dict = {}
+        self.latest_step: int | None = None
 
     def run(self, step: int, state) -> bool:
         run = self.run_
@@ -65,8 +66,10 @@ class Evaluation(Periodic):
             run.tokenizer,
             global_batch_size=run.config.batch_size,
             image_size=run.model_config.image_side,
+            center_crop=run.config.data.center_crop,
         )
         self.latest = evaluate(self.eval_step, state.params, batches, run.mesh)
+        self.latest_step = step
         run.writer.write(step, "eval", self.latest)
         shown = ", ".join(f"{k} {v:.4f}" for k, v in self.latest.items())
         print(f"eval at step {step}: {shown}", flush=True)

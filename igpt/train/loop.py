@@ -24,16 +24,16 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
 from igpt import data as data_lib
-from igpt import files
 from igpt.cli import EXIT_PREEMPTED
 from igpt.config import ModelConfig
 from igpt.flops import peak_flops, train_step_flops
-from igpt.kmeans import fit_palette, sample_pixels
-from igpt.loading import PALETTE_FILE, load_model, read_palette
+from igpt.loading import load_model
+from igpt.lock import DirectoryLock
 from igpt.sharding import global_batch, make_mesh, place
 from igpt.tokenizer import ColorTokenizer
+from igpt.train import checkpoints
 from igpt.train.checkpoints import Checkpointer
-from igpt.train.config import build_model_config, rules_from_config
+from igpt.train.config import build_model_config, rules_from_config, validate
 from igpt.train.metrics import MetricsWriter, Progress, format_duration
 from igpt.train.step import (
     PRETRAINING,
@@ -46,13 +46,21 @@ from igpt.train.step import (
     make_train_step,
     state_shardings,
 )
+from igpt.train.workdir import check_restart, resolve_palette
 
 # Fields that must agree between a config and an `init_from` checkpoint (the others, such as
 # dtype, dropout or remat, may change between runs).
 _ARCHITECTURE_FIELDS = (
-    "vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner", "use_bias",
-    "layer_norm_epsilon", "scale_attn_by_inverse_layer_idx",
-)  # fmt: skip
+    "vocab_size",
+    "n_positions",
+    "n_embd",
+    "n_layer",
+    "n_head",
+    "n_inner",
+    "use_bias",
+    "layer_norm_epsilon",
+    "scale_attn_by_inverse_layer_idx",
+)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -67,7 +75,11 @@ class Preempted(Exception):
 
 @dataclasses.dataclass
 class Run:
-    """What a training run is made of, set up from its config before the first step."""
+    """What a training run is made of, set up from its config before the first step.
+
+    A context manager: it holds the workdir's lock, and leaving it waits for checkpoints in
+    flight, closes the metric files and releases the lock, on every exit path.
+    """
 
     config: ml_collections.ConfigDict
     workdir: Path
@@ -82,81 +94,76 @@ class Run:
     tx: optax.GradientTransformation
     checkpointer: Checkpointer
     writer: MetricsWriter
+    lock: DirectoryLock
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.checkpointer.close()
+            self.writer.close()
+        finally:
+            self.lock.__exit__(*exc)
 
 
-def resolve_palette(
-    config: ml_collections.ConfigDict, workdir: Path, model: ModelConfig, train_source
-) -> np.ndarray:
-    """The run's palette: the workdir's on resume, else `data.palette`: "fit" (k-means on the
-    training pixels), "checkpoint" (the palette of `init_from`) or a path (`read_palette`).
-
-    Written to `workdir/palette.npy` so every later stage (resume, sampling, probing) uses
-    exactly the palette the model was trained on.
-    """
-    path = workdir / PALETTE_FILE
-    spec, palette_size, image_size = config.data.palette, model.palette_size, model.image_side
-    if path.exists():
-        palette = read_palette(path)
-    elif spec == "fit":
-        pixels = sample_pixels(
-            train_source, config.data.palette_pixels, size=image_size, seed=config.seed
-        )
-        palette, inertia = fit_palette(pixels, palette_size, seed=config.seed)
-        print(f"fitted a {palette_size}-colour palette (inertia {inertia:.4g})", flush=True)
-    elif spec == "checkpoint":
-        if not config.init_from:
-            raise ValueError("data.palette='checkpoint' needs --config.init_from=DIR")
-        palette = read_palette(config.init_from)
-    else:
-        palette = read_palette(spec)
-    if palette.shape[0] != palette_size:
-        raise ValueError(
-            f"The palette has {palette.shape[0]} colours but model.vocab_size="
-            f"{palette_size + 1} needs {palette_size}; set --config.model.vocab_size="
-            f"{palette.shape[0] + 1} or use another palette"
-        )
-    if jax.process_index() == 0 and not path.exists():
-        files.save_npy(path, palette)
-    return palette
+def _verify(source) -> None:
+    """Read every example once, so a corrupt image stops the run now, not at the first
+    evaluation hours in."""
+    for i in range(len(source)):
+        source[i]  # raises UnreadableImageError naming the file or record
 
 
 def setup(
     config: ml_collections.ConfigDict, workdir: str, base_model: ModelConfig | None = None
 ) -> Run:
-    """Everything but the train state; `base_model` as in `build_model_config`."""
+    """Check the config, lock the workdir and set up everything but the train state;
+    `base_model` as in `build_model_config`. Every value is checked, the data opened and the
+    validation split read before anything is written to the workdir."""
+    validate(config)
     workdir = Path(workdir).absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
     model_config = build_model_config(config, base_model)
+    mesh = make_mesh(config.mesh_shape)
     if config.batch_size % (jax.process_count() * config.grad_accum_steps):
         raise ValueError(
             f"batch_size={config.batch_size} must divide evenly over {jax.process_count()} "
             f"processes x grad_accum_steps={config.grad_accum_steps}"
         )
-    if jax.process_index() == 0:
-        files.write_text(workdir / "config.json", config.to_json_best_effort(indent=2) + "\n")
     skip = config.data.skip_corrupt
     train_source = data_lib.open_source(config.data.train, skip_corrupt=skip)
     val_source = None
     if config.data.val:
         val_source = data_lib.open_source(config.data.val, skip_corrupt=skip)
-    palette = resolve_palette(config, workdir, model_config, train_source)
+        _verify(val_source)
     steps_per_epoch = max(len(train_source) // config.batch_size, 1)
     warmup_steps = int(round(config.optimizer.warmup_epochs * steps_per_epoch))
     schedule = learning_rate_schedule(config.optimizer, warmup_steps, config.num_steps)
+    tx = make_optimizer(config.optimizer, schedule)
+
+    lock = DirectoryLock(workdir).__enter__()  # released by Run.__exit__
+    try:
+        check_restart(config, workdir, checkpoints.latest_step(workdir))
+        palette = resolve_palette(config, workdir, model_config, train_source)
+        checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints)
+        writer = MetricsWriter(workdir)
+    except BaseException:
+        lock.__exit__(None, None, None)
+        raise
     return Run(
         config=config,
         workdir=workdir,
         model_config=model_config,
         tokenizer=ColorTokenizer(palette, size=model_config.image_side),
-        mesh=make_mesh(config.mesh_shape),
+        mesh=mesh,
         rules=rules_from_config(config.sharding_rules),
         train_source=train_source,
         val_source=val_source,
         steps_per_epoch=steps_per_epoch,
         schedule=schedule,
-        tx=make_optimizer(config.optimizer, schedule),
-        checkpointer=Checkpointer(workdir, keep=config.keep_checkpoints),
-        writer=MetricsWriter(workdir),
+        tx=tx,
+        checkpointer=checkpointer,
+        writer=writer,
+        lock=lock,
     )
 
 
@@ -245,14 +252,13 @@ class _Reporter:
         (step, metrics), self.pending = self.pending, None
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
         if not all(math.isfinite(values[k]) for k in ("loss", "grad_norm")):
-            checkpointer = self.run.checkpointer
-            checkpointer.wait()
-            raise NonFiniteLossError(
-                f"Non-finite loss or gradient at step {step} (loss={values['loss']}, "
-                f"grad_norm={values['grad_norm']}). The last good checkpoint (step "
-                f"{checkpointer.latest_step()}) is intact. Lower optimizer.learning_rate, keep "
-                "optimizer.grad_clip on, or train in float32."
+            self._stop(
+                step,
+                f"the loss or gradient is not finite (loss={values['loss']}, "
+                f"grad_norm={values['grad_norm']})",
             )
+        if not values.pop("state_finite"):
+            self._stop(step, "its update made parameters or optimizer state non-finite")
         if step % self.run.config.log_every and not force:
             return
         line, tokens_per_s = self.progress.line(
@@ -266,6 +272,31 @@ class _Reporter:
             "mfu": mfu,
         }
         self.run.writer.write(step, "train", values | speed)
+
+    def _stop(self, step: int, what: str):
+        """Raise for a non-finite step, naming the newest (finite) checkpoint and advice that
+        fits the cause. Checkpoints are written only after their step passed this check."""
+        checkpointer, opt = self.run.checkpointer, self.run.config.optimizer
+        checkpointer.wait()
+        latest = checkpointer.latest_step()
+        kept = (
+            f"the newest checkpoint, step {latest}, is finite and a restart resumes from it"
+            if latest is not None
+            else "no checkpoint was written"
+        )
+        if opt.eps == 0:
+            advice = (
+                "optimizer.eps=0 divides by zero where a parameter has no gradient; use "
+                "the default 1e-8"
+            )
+        elif opt.learning_rate >= 0.1:
+            advice = f"optimizer.learning_rate={opt.learning_rate} is very large; lower it"
+        else:
+            advice = (
+                "lower optimizer.learning_rate, keep optimizer.grad_clip on, or train "
+                "with model.dtype=float32"
+            )
+        raise NonFiniteLossError(f"Step {step} is not finite: {what}; {kept}. Fix: {advice}.")
 
 
 def initial_state(run: Run) -> TrainState:
@@ -295,12 +326,19 @@ def train(run: Run, *, weights: LossWeights = PRETRAINING, hooks: Sequence = ())
         worker_count=config.data.worker_count,
     )
     checkpointer = run.checkpointer
-    latest = checkpointer.latest_step()
-    if latest is not None:
+    restored = None
+    if checkpointer.latest_step() is not None:
         abstract = abstract_train_state(model_config, run.tx, mesh, run.rules)
-        state, data_state = checkpointer.restore(latest, abstract)
+        restored = checkpointer.restore_latest(abstract)
+        if restored is None:
+            raise ValueError(
+                f"no checkpoint in {checkpointer.directory} can be read (they were moved "
+                "aside as *.damaged); use another --workdir to start over"
+            )
+    if restored is not None:
+        state, data_state = restored
         train_iter.set_state(data_state)
-        print(f"resumed from step {latest} in {run.workdir}", flush=True)
+        print(f"resumed from step {int(state.step)} in {run.workdir}", flush=True)
     else:
         state = initial_state(run)
 
@@ -337,8 +375,6 @@ def train(run: Run, *, weights: LossWeights = PRETRAINING, hooks: Sequence = ())
         if checkpointer.latest_step() != step:  # stopped early, or num_steps=0 after init_from
             checkpointer.save(state, train_iter.get_state(), model_config)
     finally:
-        checkpointer.close()
-        run.writer.close()
         preemption.restore()
     elapsed = format_duration(time.perf_counter() - start_time)
     if preempted:

@@ -18,7 +18,7 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from igpt.config import ModelConfig
-from igpt.losses import model_inputs, token_nll
+from igpt.losses import classifier_inputs, model_inputs, token_nll
 from igpt.model import ImageGPT
 from igpt.sharding import Rules, abstract, tree_shardings
 
@@ -109,18 +109,26 @@ def abstract_train_state(
 
 
 def _losses(params, batch, rng, model: ImageGPT, deterministic: bool):
-    """Sums over the batch (masked examples excluded) and their denominators."""
+    """Sums over the batch (masked examples excluded) and their denominators.
+
+    Without a classifier the model reads SOS + tokens[:-1] and predicts every token. With one,
+    it reads the tokens themselves, as transformers' ImageGPTForImageClassification reads the
+    processor's input_ids, so an exported classifier predicts the same classes from
+    `processor(images)`; the classifier pools over those positions and the generative loss
+    predicts tokens 1..T-1 from them (the first pixel has no SOS to be predicted from).
+    """
     cfg = model.config
     tokens = batch["tokens"]
     mask = batch["mask"].astype(jnp.float32)
+    inputs = classifier_inputs(tokens) if cfg.num_labels else model_inputs(tokens, cfg.sos_id)
     out = model.apply(
-        {"params": params},
-        model_inputs(tokens, cfg.sos_id),
-        deterministic=deterministic,
-        rngs={"dropout": rng},
+        {"params": params}, inputs, deterministic=deterministic, rngs={"dropout": rng}
     )
-    nll_sum = jnp.sum(token_nll(out.logits, tokens) * mask[:, None])
-    sums = {"nll": nll_sum, "tokens": jnp.sum(mask) * tokens.shape[1], "examples": jnp.sum(mask)}
+    logits, targets = out.logits, tokens
+    if cfg.num_labels:
+        logits, targets = logits[:, :-1], tokens[:, 1:]
+    nll_sum = jnp.sum(token_nll(logits, targets) * mask[:, None])
+    sums = {"nll": nll_sum, "tokens": jnp.sum(mask) * targets.shape[1], "examples": jnp.sum(mask)}
     if cfg.num_labels:
         clf_nll = token_nll(out.class_logits, batch["label"])
         correct = jnp.argmax(out.class_logits, -1) == batch["label"]
@@ -196,11 +204,20 @@ def make_train_step(
         metrics = _metrics(sums) | {
             "grad_norm": optax.tree.norm(grads),
             "learning_rate": schedule(state.step),
+            # 1 if every parameter and optimizer moment after this update is finite: a finite
+            # loss does not guarantee it (an update can overflow), and checkpoints of this
+            # state are only written when it holds.
+            "state_finite": _all_finite((params, opt_state)).astype(jnp.float32),
         }
         return new_state, metrics
 
     replicated = NamedSharding(mesh, PartitionSpec())
     return jax.jit(step, donate_argnums=(0,), out_shardings=(shardings, replicated))
+
+
+def _all_finite(tree) -> jax.Array:
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
 def _metrics(sums: dict) -> dict:
