@@ -97,7 +97,7 @@ def test_train_and_eval_losses_equal_transformers_loss_on_unmasked_examples():
     from reference_models import random_hf_model
 
     from igpt.convert import CAUSAL_LM, config_from_hf, params_from_hf
-    from igpt.train.step import make_eval_step
+    from igpt.train.step import make_eval_step, summarize_eval
 
     # 17 positions: transformers reads SOS + all 16 tokens; igpt reads SOS + the first 15.
     hf = random_hf_model(seed=2, n_embd=32, n_layer=2, n_head=4, n_positions=17)
@@ -115,6 +115,9 @@ def test_train_and_eval_losses_equal_transformers_loss_on_unmasked_examples():
     mesh = make_mesh((1, 1, 1))
     sums = make_eval_step(config, mesh)(params, global_batch(batch, mesh))
     assert float(sums["nll"] / sums["tokens"]) == pytest.approx(expected, rel=1e-5)
+    freq = np.bincount(tokens[mask].ravel(), minlength=config.palette_size) / tokens[mask].size
+    unigram = -np.sum(freq[freq > 0] * np.log(freq[freq > 0]))  # of the unmasked tokens alone
+    assert summarize_eval(sums)["unigram_baseline"] == pytest.approx(unigram, rel=1e-6)
 
     opt = pretrain_defaults().optimizer
     schedule = learning_rate_schedule(opt, 2, 10)
