@@ -94,3 +94,15 @@ def test_probe_configs_name_every_split(spec):
     settings_from_config(config.probe)
     assert config.data.train and config.data.val and config.data.test
     assert config.num_subsets >= 1
+
+
+@pytest.mark.parametrize("side", [32, 48, 64])
+def test_imagenet_presets_follow_the_papers_data_protocol(side):
+    """Paper section 3.1: random resized crops to train, the centre crop to evaluate, 4% of
+    train held out for validation, ILSVRC validation as the test set; no gradient clipping."""
+    config = load_config(str(ROOT / "configs" / f"pretrain.py:dataset=imagenet{side},model=s"))
+    assert config.data.train == "tfds:imagenet2012:train[:96%]"
+    assert config.data.val == "tfds:imagenet2012:train[96%:]"
+    assert config.data.test == "tfds:imagenet2012:validation"
+    assert config.data.augment == "imagenet" and config.data.center_crop
+    assert config.data.image_size == side and config.optimizer.grad_clip == 0

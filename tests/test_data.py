@@ -365,6 +365,21 @@ def test_eval_covers_every_example_once_with_masks(tokenizer, count):
     assert real == Counter(range(50))
 
 
+def test_center_crop_evaluates_the_central_square(tokenizer):
+    """The paper's ImageNet evaluation: the central square of a wide or tall image, resized;
+    without center_crop the whole image is resized, as the transformers processor does."""
+    rng = np.random.default_rng(1)
+    wide, tall = rng.integers(0, 256, (2, 16, 40, 3), dtype=np.uint8)
+    tall = tall.transpose(1, 0, 2)
+    for image, square in ((wide, wide[:, 12:28]), (tall, tall[12:28])):
+        source = ArraySource(image[None], np.zeros(1, int))
+        (cropped,) = eval_dataset(source, tokenizer, global_batch_size=1, center_crop=True)
+        (whole,) = eval_dataset(source, tokenizer, global_batch_size=1)
+        np.testing.assert_array_equal(cropped["tokens"], tokenizer.encode(square))
+        np.testing.assert_array_equal(whole["tokens"], tokenizer.encode(image))
+        assert not np.array_equal(cropped["tokens"], whole["tokens"])
+
+
 # ----------------------------------------------------------------------------------------------
 # Augmentation
 

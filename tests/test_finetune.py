@@ -130,6 +130,32 @@ def test_early_stopping_stops_and_stays_stopped(pretrained, tmp_path, capsys):
     assert latest_step(tmp_path) == 30
 
 
+def test_the_sweep_chooses_the_rate_on_validation_then_refits_on_train_and_val(
+    pretrained, tmp_path
+):
+    """The paper's fine-tuning search: one run per rate in its own directory, the rate and step
+    with the best validation accuracy kept, then a refit on train + val for that many steps
+    whose test accuracy (checked here by an independent forward pass) is the one reported."""
+    changes = {"finetune.learning_rates": "(0.0,5e-3)", "finetune.refit_on": "digits:train",
+               "num_steps": "40", "data.test": "digits:test[:100]"}  # fmt: skip
+    summary = finetune(_config(pretrained, **changes), tmp_path)
+    assert sorted(summary["runs"]) == ["0", "0.005"]
+    assert (tmp_path / "lr_0" / "results.json").exists()
+    assert summary["learning_rate"] == 0.005  # a zero rate never improves on chance
+    assert summary["best_step"] == summary["runs"]["0.005"]["best_step"]
+    assert json.loads((tmp_path / "sweep.json").read_text()) == summary
+
+    refit = tmp_path / "refit"
+    assert json.loads((refit / "config.json").read_text())["data"]["train"] == "digits:train"
+    assert latest_step(refit) == summary["best_step"]
+    assert summary["tested_model"] == str(refit / "best")
+    source = open_source("digits:test[:100]")
+    images = np.stack([source[i]["image"] for i in range(len(source))])
+    labels = np.asarray([source[i]["label"] for i in range(len(source))])
+    predicted = np.argmax(_igpt_class_logits(refit / "best", images), -1)
+    assert summary["test_accuracy"] == pytest.approx(np.mean(predicted == labels))
+
+
 def test_transformers_export_predicts_the_same_classes(straight_run, tmp_path):
     torch = pytest.importorskip("torch")
     from transformers import ImageGPTForImageClassification, ImageGPTImageProcessor

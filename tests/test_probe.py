@@ -132,6 +132,19 @@ def test_sgd_solver_reaches_the_lbfgs_optimum(digits_pixels):
     assert abs(sgd.accuracy(*digits_pixels["test"]) - exact.accuracy(*digits_pixels["test"])) < 0.02
 
 
+def test_the_sgd_probe_sweeps_its_learning_rate_on_validation(digits_pixels):
+    """The paper's large-scale probe: each peak rate of the sweep is fitted and the one with
+    the best validation accuracy kept, whatever its place in the list."""
+    for rates in ((1e-6, 0.3), (0.3, 1e-6)):  # 1e-6 barely leaves the zero initialisation
+        settings = ProbeSettings(
+            l2_grid=(1e-2,), solver="sgd", sgd_learning_rates=rates, sgd_epochs=5,
+            sgd_batch_size=100,
+        )  # fmt: skip
+        probe, accuracies = fit_probe(digits_pixels["train"], digits_pixels["val"], settings)
+        assert probe.learning_rate == 0.3 and accuracies[1e-2] > 0.8
+        assert probe.accuracy(*digits_pixels["val"]) == accuracies[1e-2]
+
+
 def test_the_grid_keeps_the_l2_with_the_best_validation_accuracy(digits_pixels):
     grid = (1e1, 1e-3)  # 10 is far too strong for this data
     probe, accuracies = fit_probe(

@@ -169,6 +169,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 config.data.test,
                 batch_size=config.batch_size,
                 mesh=make_mesh(config.mesh_shape),
+                center_crop=config.data.center_crop,
             )
             summary |= {"test_accuracy": metrics["accuracy"], "tested_model": str(model_dir)}
             print(f"test accuracy {100 * metrics['accuracy']:.2f} ({model_dir})", flush=True)
