@@ -66,6 +66,9 @@ def probe_config(directory: str, labels_per_class: int) -> ml_collections.Config
     c = probe_defaults()
     c.labels_per_class = labels_per_class
     c.baseline_sizes = (28,)
+    # d=128 features are few beside 196 or 784 pixels: also probe the blocks' features together
+    # (512), as the paper does for ImageNet; single layer or concatenation, chosen on val.
+    c.concat_layers = (1, 2, 3, 4)
     c.data.train, c.data.val, c.data.test = data["train"], data["val"], data["test"]
     c.batch_size = 256
     return c
