@@ -90,6 +90,7 @@ def save_png(path: str | os.PathLike, picture: np.ndarray) -> Path:
 # Distinguishable on white and in greyscale print: matplotlib's first Tableau colours.
 COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189))
 REFERENCE_COLOUR = (110, 110, 110)
+REFERENCE_STYLES = ("--", "-.", ":")  # several references stay apart in one grey
 
 
 def line_chart(
@@ -131,8 +132,9 @@ def line_chart(
     for i, (name, ys) in enumerate(series.items()):
         axes.plot(x, ys, marker="o", markersize=4, linewidth=2, label=name,
                   color=rgb(COLOURS[i % len(COLOURS)]))  # fmt: skip
-    for name, level in (references or {}).items():
-        axes.axhline(level, linestyle="--", linewidth=1.5, color=rgb(REFERENCE_COLOUR), label=name)
+    for i, (name, level) in enumerate((references or {}).items()):
+        style = REFERENCE_STYLES[i % len(REFERENCE_STYLES)]
+        axes.axhline(level, linestyle=style, linewidth=1.5, color=rgb(REFERENCE_COLOUR), label=name)
     if highlight_x is not None:
         axes.axvline(highlight_x, linestyle=":", color="0.6")
     if all(float(v).is_integer() for v in x):  # layer numbers: integer ticks only

@@ -480,7 +480,8 @@ def _sweep(config: ml_collections.ConfigDict, workdir: Path, cache: Path) -> dic
 
 def plot_probe(result: dict, path: str | Path) -> Path | None:
     """The paper's figure: probe accuracy against layer (validation, and test as reported),
-    the best layer marked, and the raw-pixel baselines as dashed lines when present."""
+    the best layer marked, and as horizontal lines the raw-pixel baselines and the probe of
+    concatenated layers when present."""
     rows, headline = result["layers"], result["headline"]
     series = {
         "val": [100 * row["val_acc"] for row in rows],
@@ -490,6 +491,10 @@ def plot_probe(result: dict, path: str | Path) -> Path | None:
         f"raw pixels {size}x{size} (test)": 100 * pixels[headline]
         for size, pixels in result.get("raw_pixels", {}).items()
     }
+    if "concat" in result:
+        concat = result["concat"]
+        layers = ",".join(str(layer) for layer in concat["layers"])
+        references[f"layers {layers} concatenated (test)"] = 100 * concat[headline]
     return line_chart(
         path,
         [row["layer"] for row in rows],
