@@ -303,7 +303,7 @@ def run(args: argparse.Namespace, emit: Callable[[dict], None]) -> list[dict]:
                 mode=mode,
                 batch=batch,
                 impl="igpt/transformers",
-                ratio=round(results[0]["per_s"] / results[1]["per_s"], 2),
+                ratio=_sig(results[0]["per_s"] / results[1]["per_s"]),
             )
             records.append(ratio)
             emit(ratio)
@@ -322,7 +322,7 @@ def format_table(records: list[dict]) -> str:
     ]
     for r in records[1:]:
         if r["impl"] == "igpt/transformers":
-            lines.append(f"{r['mode']:9} {r['batch']:>5} {r['impl']:18} {'':>47} {r['ratio']:>6}")
+            lines.append(f"{r['mode']:9} {r['batch']:>5} {r['impl']:18} {'':>47} {r['ratio']:>6.2f}")
             continue
         unit = "img" if r["mode"] == "tokenize" else "tok"
         gflops = f"{r['flops_per_s'] / 1e9:.1f}" if r["flops_per_s"] else "-"
