@@ -3,6 +3,7 @@
 #   make test   lint, format check and the test suite
 # and a long research run, not part of either (about 3 hours on 2 CPU cores):
 #   make fashion   the paper's findings on real Fashion-MNIST (writes runs/fashion)
+#   make fashion OBJECTIVE=bert   the same with the BERT objective (writes runs/fashion-bert)
 VENV := .venv
 PY := $(VENV)/bin/python
 
@@ -30,7 +31,8 @@ test: $(VENV)/.test
 	$(VENV)/bin/ruff format --check .
 	GLIBC_TUNABLES=glibc.malloc.hugetlb=1 $(PY) -m pytest -q  # igpt/runtime.py: the entry points set it themselves
 
-FASHION := runs/fashion
+OBJECTIVE ?= ar
+FASHION := runs/fashion$(if $(filter bert,$(OBJECTIVE)),-bert)
 FASHION_DIR ?= /usr/share/datasets/fashion-mnist
 FASHION_ARG := dir=$(FASHION_DIR)
 
@@ -41,7 +43,8 @@ fashion: $(VENV)/.run
 	  (command -v apt-get >/dev/null && apt-get install -y dataset-fashion-mnist) || \
 	  (echo "Fashion-MNIST is not in $(FASHION_DIR): put the four IDX files there" \
 	        "(https://github.com/zalandoresearch/fashion-mnist), or set FASHION_DIR=..."; exit 1)
-	$(PY) scripts/train.py --config=configs/fashion_mnist.py:$(FASHION_ARG) --workdir=$(FASHION)/pretrain
+	$(PY) scripts/train.py --config=configs/fashion_mnist.py:$(FASHION_ARG),objective=$(OBJECTIVE) \
+	  --workdir=$(FASHION)/pretrain
 	$(PY) scripts/probe.py --config=configs/fashion_mnist.py:task=probe,$(FASHION_ARG) \
 	  --config.init_from=$(FASHION)/pretrain --workdir=$(FASHION)/probe
 	for n in 10 100; do $(PY) scripts/probe.py \

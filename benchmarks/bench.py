@@ -322,7 +322,8 @@ def format_table(records: list[dict]) -> str:
     ]
     for r in records[1:]:
         if r["impl"] == "igpt/transformers":
-            lines.append(f"{r['mode']:9} {r['batch']:>5} {r['impl']:18} {'':>47} {r['ratio']:>6.2f}")
+            ratio = f"{r['ratio']:.2f}"
+            lines.append(f"{r['mode']:9} {r['batch']:>5} {r['impl']:18} {'':>47} {ratio:>6}")
             continue
         unit = "img" if r["mode"] == "tokenize" else "tok"
         gflops = f"{r['flops_per_s'] / 1e9:.1f}" if r["flops_per_s"] else "-"

@@ -6,6 +6,8 @@ ARG is comma-separated key=value pairs (all optional):
   dir=PATH                       the four IDX files (default: where Debian's
                                  dataset-fashion-mnist puts them)
   labels_per_class=N             probe: the low-data probe (5 subsets of N labels per class)
+  objective=ar|bert              pretrain: the paper's two objectives (default ar); probing
+                                 and fine-tuning follow the objective of the model they read
 
 Splits: train[:54000] to train, train[54000:] (6,000) for every choice (steps, L2, layer,
 fine-tuning rate and step), test (10,000) only reported. The paper's "context reduction":
@@ -39,16 +41,18 @@ def splits(directory: str) -> dict[str, str]:
     }
 
 
-def pretrain_config(directory: str) -> ml_collections.ConfigDict:
-    """Pretraining at 14x14 with the paper's recipe (Adam 0.9/0.95, warmup then cosine)."""
+def pretrain_config(directory: str, objective: str) -> ml_collections.ConfigDict:
+    """Pretraining at 14x14 with the paper's recipe (Adam 0.9/0.95, warmup then cosine); the
+    BERT run has the same model, steps and rate (the paper compares them so)."""
     data = splits(directory)
     c = pretrain_defaults()
     c.data.train, c.data.val = data["train"], data["val"]
     c.data.image_size = SIDE
     c.data.palette_pixels = 200_000
     c.model = model_fields(
-        "tiny", SIDE, vocab_size=PALETTE_SIZE + 1, n_embd=128, n_layer=4, n_head=4
-    )
+        "tiny", SIDE, vocab_size=PALETTE_SIZE + 1, n_embd=128, n_layer=4, n_head=4,
+        objective=objective,
+    )  # fmt: skip
     c.batch_size = 64
     c.num_steps = 2_000  # 2.4 epochs, 50-55 minutes on 2 CPU cores
     c.optimizer.learning_rate = 3e-3  # the paper's iGPT-S rate
@@ -95,9 +99,9 @@ def finetune_config(directory: str) -> ml_collections.ConfigDict:
 
 def get_config(arg=None):
     """The config of one stage (see the module docstring)."""
-    arg = parse_arg(arg, task="pretrain", dir=DEBIAN_DIR, labels_per_class=0)
+    arg = parse_arg(arg, task="pretrain", dir=DEBIAN_DIR, labels_per_class=0, objective="ar")
     if arg.task == "pretrain":
-        return pretrain_config(arg.dir)
+        return pretrain_config(arg.dir, arg.objective)
     if arg.task == "probe":
         return probe_config(arg.dir, arg.labels_per_class)
     if arg.task == "finetune":

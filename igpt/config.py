@@ -53,9 +53,14 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype of matmuls and activations
     param_dtype: str = "float32"  # storage dtype of parameters
     remat: bool = False  # recompute each block's activations in the backward pass to save memory
-    # "xla": igpt's blockwise causal attention; "dot_product": jax.nn.dot_product_attention,
+    # "xla": igpt's blockwise attention; "dot_product": jax.nn.dot_product_attention,
     # cuDNN's fused kernel on GPUs (no attention dropout or inverse-layer scaling there).
     attention: str = "xla"
+    # The pretraining objective (paper section 2.1): "ar" predicts each pixel from the ones
+    # before it (causal attention, SOS first); "bert" predicts masked pixels from all the
+    # others (no causal mask, no SOS; see igpt.losses.bert_masks).
+    objective: str = "ar"
+    mask_prob: float = 0.15  # bert: probability that each position is masked (paper: 0.15)
 
     def __post_init__(self):
         problems = []
@@ -78,6 +83,10 @@ class ModelConfig:
                 "attention='dot_product' supports neither attn_pdrop nor "
                 "scale_attn_by_inverse_layer_idx; use attention='xla'"
             )
+        if self.objective not in ("ar", "bert"):
+            problems.append(f"objective={self.objective!r} is not 'ar' or 'bert'")
+        if not 0.0 < self.mask_prob < 1.0:
+            problems.append(f"mask_prob={self.mask_prob} must be in (0, 1)")
         if self.num_labels < 0:
             problems.append(f"num_labels={self.num_labels} must be >= 0")
         if problems:
@@ -92,6 +101,11 @@ class ModelConfig:
     def sos_id(self) -> int:
         """Id of the start-of-sequence token, the last row of the input embedding."""
         return self.vocab_size - 1
+
+    @property
+    def causal(self) -> bool:
+        """Whether a position attends only to itself and earlier positions (objective "ar")."""
+        return self.objective == "ar"
 
     @property
     def head_dim(self) -> int:

@@ -301,8 +301,17 @@ def load_hf(path_or_repo_id: str | os.PathLike) -> tuple[ModelConfig, dict, np.n
 # igpt -> transformers
 
 
+def _check_exportable(config: ModelConfig) -> None:
+    if not config.causal:
+        raise ValueError(
+            "this is a BERT model (objective='bert'): transformers has no BERT ImageGPT (its "
+            "ImageGPT classes are causal), so it cannot be exported; keep it as an igpt model dir"
+        )
+
+
 def config_to_hf(config: ModelConfig) -> dict:
-    """A transformers `config.json` dict for `config`."""
+    """A transformers `config.json` dict for `config` (an "ar" model)."""
+    _check_exportable(config)
     hf = {
         "architectures": [CLASSIFIER if config.num_labels else CAUSAL_LM],
         "model_type": "imagegpt",
@@ -337,6 +346,7 @@ def params_to_hf(config: ModelConfig, params: dict) -> dict[str, np.ndarray]:
     transformers always has dense biases: a model without them gets zero biases. A model with a
     classifier becomes an `ImageGPTForImageClassification` state dict (which has no LM head).
     """
+    _check_exportable(config)
     architecture = CLASSIFIER if config.num_labels else CAUSAL_LM
     _, top = _top_layout(config, architecture)
     tensors = {}
@@ -367,6 +377,7 @@ def save_hf(
     `out_dir` is replaced only with `overwrite=True`."""
     from safetensors.numpy import save_file
 
+    _check_exportable(config)  # before anything is written
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) or another path")

@@ -15,8 +15,11 @@ gain does not matter to a probe: probes standardise each feature with training-s
 statistics, which undoes a per-channel factor (a negative one only flips the sign of a
 weight), so `ln_1`'s gain and a gain-free RMS norm give the same probe.
 
-Inputs are the training inputs: SOS followed by the image's tokens but the last, so position t
-has seen pixels before t only, as in pretraining and fine-tuning.
+Inputs are the training inputs. "ar": SOS followed by the image's tokens but the last, so
+position t has seen pixels before t only, as in pretraining and fine-tuning. "bert": the
+image's tokens with 15% (`mask_prob`) of the positions masked, as in pretraining: the paper
+probes BERT models on masked inputs (section 4.6); each example's mask is
+`igpt.losses.eval_masks` of its index in the split, so features are reproducible.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from igpt import data as data_lib
 from igpt import files
 from igpt.config import ModelConfig
 from igpt.loading import load_model, read_palette
-from igpt.losses import model_inputs
+from igpt.losses import eval_masks, model_inputs
 from igpt.model import ImageGPT, RMSNorm
 from igpt.sharding import global_batch, make_mesh, param_shardings, place
 from igpt.tokenizer import ColorTokenizer
@@ -70,7 +73,12 @@ def make_feature_fn(config: ModelConfig, layers: Sequence[int], mesh):
     norm = RMSNorm(config.layer_norm_epsilon, jnp.float32, config.storage_dtype)
 
     def fn(params, batch):
-        out = model.apply({"params": params}, model_inputs(batch["tokens"], config.sos_id))
+        tokens = batch["tokens"]
+        if config.causal:
+            out = model.apply({"params": params}, model_inputs(tokens, config.sos_id))
+        else:
+            masked = eval_masks(batch["index"], tokens.shape[1], config.mask_prob)
+            out = model.apply({"params": params}, tokens, masked=masked)
         features = []
         for layer in layers:
             h_BxTxD = out.hidden_states[layer].astype(jnp.float32)

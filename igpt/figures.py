@@ -79,6 +79,19 @@ def completion_sheet(
     return grid(upscale(tiles, scale))
 
 
+def fill_in_sheet(
+    originals: np.ndarray, masked_NxHxW: np.ndarray, filled: np.ndarray, scale: int = 1
+) -> np.ndarray:
+    """A BERT model's picture, one column per image: the masked input (masked pixels red, a
+    colour no greyscale or natural image palette confuses with its own),
+    the model's fill (its most likely colour at each masked pixel), then the original.
+
+    originals, filled: (N, H, W, 3); masked_NxHxW: (N, H, W) bool.
+    """
+    shown = np.where(masked_NxHxW[..., None], np.array(COLOURS[3], np.uint8), originals)
+    return grid(upscale(np.stack([shown, filled, originals]), scale))
+
+
 def save_png(path: str | os.PathLike, picture: np.ndarray) -> Path:
     """Write a (H, W, 3) uint8 picture as PNG, creating the parent directory."""
     path = Path(path)

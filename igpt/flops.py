@@ -27,7 +27,8 @@ PEAK_FLOPS = {
 
 def forward_flops(config: ModelConfig, length: int) -> int:
     """Matmul FLOPs (2 per multiply-add) of one forward pass over input positions 0..length-1,
-    one sequence, counting only what causal attention needs:
+    one sequence, counting only what attention needs (for the "bert" objective every position
+    reads all T, so the T(T+1)/2 below is T*T):
 
         per position p, per layer:  qkv 2*d*3d + out-proj 2*d*d + MLP 2*(2*d*f)
                                     + scores 2*d*(p+1) + values 2*d*(p+1)
@@ -44,7 +45,8 @@ def forward_flops(config: ModelConfig, length: int) -> int:
     d, f, n_layer = config.n_embd, config.mlp_dim, config.n_layer
     t = length
     dense = t * (n_layer * (8 * d * d + 4 * d * f) + 2 * d * config.palette_size)
-    return dense + 4 * d * n_layer * t * (t + 1) // 2
+    visible = t * (t + 1) // 2 if config.causal else t * t  # (query, key) pairs scored
+    return dense + 4 * d * n_layer * visible
 
 
 def train_step_flops(config: ModelConfig, batch_size: int) -> int:

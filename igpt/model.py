@@ -87,7 +87,9 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Causal multi-head self-attention with an optional KV cache for decoding.
+    """Multi-head self-attention, causal for the "ar" objective and bidirectional for "bert"
+    (OpenAI's model.py applies its causal mask only `if not hparams.bert`), with an optional
+    KV cache for (causal) decoding.
 
     The cache holds keys as (B, H, K, S) and values as (B, H, S, K), the layouts the score and
     value matmuls read as they are. A decoding call attends to the cache as it was before the
@@ -126,7 +128,7 @@ class Attention(nn.Module):
             if self.decode:  # creating the cache: its length is that of these ids
                 self.variable("cache", "key", jnp.zeros, _keys_layout(k_BxTxHxK).shape, dtype)
                 self.variable("cache", "value", jnp.zeros, _values_layout(v_BxTxHxK).shape, dtype)
-            out_BxTxHxK = self._attend_causal(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, scale)
+            out_BxTxHxK = self._attend(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, scale)
         c_proj = nn.DenseGeneral(
             d,
             axis=(-2, -1),
@@ -148,13 +150,15 @@ class Attention(nn.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(self.config.compute_dtype)
         return nn.Dropout(self.config.attn_pdrop)(probs, deterministic=self.deterministic)
 
-    def _attend_causal(self, q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, scale) -> jax.Array:
-        """Attention among this call's tokens, in blocks of `QUERY_BLOCK` queries."""
+    def _attend(self, q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, scale) -> jax.Array:
+        """Attention among this call's tokens, in blocks of `QUERY_BLOCK` queries; a causal
+        block reads keys only up to its own end."""
+        causal = self.config.causal
         if self.config.attention == "dot_product":
             # cuDNN's fused kernel on GPUs; elsewhere JAX's XLA reference implementation.
             on_gpu = jax.default_backend() == "gpu"
             return jax.nn.dot_product_attention(
-                q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, scale=scale, is_causal=True,
+                q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, scale=scale, is_causal=causal,
                 implementation="cudnn" if on_gpu else None,
             )  # fmt: skip
         t = q_BxTxHxK.shape[1]
@@ -162,14 +166,16 @@ class Attention(nn.Module):
         blocks = []
         for lo in range(0, t, QUERY_BLOCK):
             hi = min(lo + QUERY_BLOCK, t)
+            end = hi if causal else t  # the last key a query of this block may read, + 1
             scores = jnp.einsum(
                 "bthk,bshk->bhts",
                 q_BxTxHxK[:, lo:hi],
-                k_BxTxHxK[:, :hi],
+                k_BxTxHxK[:, :end],
                 preferred_element_type=jnp.float32,
             )
-            probs = self._probs(scores, pos[None, :hi] <= pos[lo:hi, None], scale)
-            blocks.append(jnp.einsum("bhts,bshk->bthk", probs, v_BxTxHxK[:, :hi]))
+            allowed = pos[None, :end] <= pos[lo:hi, None] if causal else jnp.ones((), bool)
+            probs = self._probs(scores, allowed, scale)
+            blocks.append(jnp.einsum("bhts,bshk->bthk", probs, v_BxTxHxK[:, :end]))
         return jnp.concatenate(blocks, axis=1) if len(blocks) > 1 else blocks[0]
 
     def _attend_with_cache(self, q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, start, scale) -> jax.Array:
@@ -311,30 +317,50 @@ def _lm_head(cfg: ModelConfig) -> nn.Dense:
 
 
 class ImageGPT(nn.Module):
-    """The ImageGPT decoder with its next-pixel head and, if `num_labels > 0`, a classifier.
+    """The ImageGPT transformer with its pixel head and, if `num_labels > 0`, a classifier.
 
-    `apply({"params": params}, input_ids)` takes (B, T) int32 ids in the transformers convention:
-    the first token is SOS (id `config.sos_id`). With `decode=True` and a cache from `init_cache`
-    (passed as `{"cache": cache}` and returned through `mutable=["cache"]`), each call appends
-    its ids to the cache at the running position, so a prompt chunk of any length can be
-    prefilled and then tokens fed one at a time.
+    `apply({"params": params}, input_ids)` takes (B, T) int32 ids. For the "ar" objective they
+    follow the transformers convention, SOS (id `config.sos_id`) first, and the head predicts
+    each next pixel; with `decode=True` and a cache from `init_cache` (passed as
+    `{"cache": cache}` and returned through `mutable=["cache"]`), each call appends its ids to
+    the cache at the running position, so a prompt chunk of any length can be prefilled and
+    then tokens fed one at a time. For "bert" they are the image's pixel ids (no SOS) and
+    `masked` (B, T) bool marks the positions hidden from the model: their token embedding is
+    multiplied by 0 and only the position embedding remains (OpenAI's model.py,
+    `h = h * tf.expand_dims(M, 2)` before `h += wpe`); the head predicts every position's
+    pixel. BERT models have no decoding mode (nothing to sample from) and keep the SOS row of
+    `wte` unused, so both objectives share one parameter layout.
     """
 
     config: ModelConfig
 
     @nn.compact
     def __call__(
-        self, input_ids: jax.Array, *, decode: bool = False, deterministic: bool = True
+        self,
+        input_ids: jax.Array,
+        *,
+        masked: jax.Array | None = None,
+        decode: bool = False,
+        deterministic: bool = True,
     ) -> ModelOutput:
         cfg = self.config
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (batch, tokens), got shape {input_ids.shape}")
         t = input_ids.shape[1]
         if t > cfg.n_positions:
-            raise ValueError(
-                f"{t} input ids are more than n_positions={cfg.n_positions}: the model reads SOS "
-                f"plus the first {cfg.n_positions - 1} pixel ids (igpt.losses.model_inputs)"
+            reads = (
+                f"SOS plus the first {cfg.n_positions - 1} pixel ids (igpt.losses.model_inputs)"
+                if cfg.causal
+                else f"at most {cfg.n_positions} pixel ids"
             )
+            raise ValueError(
+                f"{t} input ids are more than n_positions={cfg.n_positions}: the model reads "
+                + reads
+            )
+        if decode and not cfg.causal:
+            raise ValueError("a BERT model (objective='bert') has no decoding mode")
+        if masked is not None and cfg.causal:
+            raise ValueError("masked positions are for objective='bert'; this model is 'ar'")
 
         start = jnp.zeros((), jnp.int32)
         if decode:
@@ -344,7 +370,10 @@ class ImageGPT(nn.Module):
                 start = position.value
                 position.value = start + t
 
-        h = _wte(cfg)(input_ids) + _wpe(cfg)(start + jnp.arange(t))[None]
+        h = _wte(cfg)(input_ids)
+        if masked is not None:
+            h = h * (~masked)[..., None].astype(h.dtype)
+        h = h + _wpe(cfg)(start + jnp.arange(t))[None]
         h = nn.Dropout(cfg.embd_pdrop)(h, deterministic=deterministic)
 
         block = nn.remat(Block, prevent_cse=False) if cfg.remat else Block

@@ -188,6 +188,7 @@ def sample(
     Returns:
       int32 numpy ids (B, length) without SOS; the first P are the prompt, unchanged.
     """
+    check_samplable(config)
     length = config.n_positions if length is None else int(length)
     if not 0 < length <= config.n_positions:
         raise ValueError(f"length={length} must be in [1, n_positions={config.n_positions}]")
@@ -210,6 +211,16 @@ def sample(
     top_p_value = jnp.float32(1.0 if top_p is None else top_p)
     temperature_value = jnp.float32(1.0 if greedy else temperature)
     return np.asarray(run(params, rng, jnp.asarray(prompt_BxP), temperature_value, top_p_value))
+
+
+def check_samplable(config: ModelConfig) -> None:
+    """A one-line error for a model this sampler cannot draw images from."""
+    if not config.causal:
+        raise ValueError(
+            "this is a BERT model (objective='bert'): it predicts masked pixels from all the "
+            "others and defines no pixel-by-pixel distribution to sample images from; sample "
+            "from an autoregressive ('ar') model"
+        )
 
 
 def _prompt_array(config: ModelConfig, prompt, num_samples: int, length: int) -> np.ndarray:

@@ -59,7 +59,7 @@ def main():
 
     from igpt import figures, files
     from igpt.loading import load_model, read_palette
-    from igpt.sampling import complete, rows_to_prompt_len, sample_batched
+    from igpt.sampling import check_samplable, complete, rows_to_prompt_len, sample_batched
     from igpt.tokenizer import ColorTokenizer
 
     out = Path(FLAGS.out)
@@ -67,6 +67,7 @@ def main():
         raise cli.UsageError(f"--out={out} (or its .npz) is a directory; name a .png file")
     model = load_model(FLAGS.model)
     config, params = model.config, model.params
+    check_samplable(config)
     palette = read_palette(FLAGS.palette) if FLAGS.palette else model.palette
     if palette is None:
         raise cli.UsageError(

@@ -101,6 +101,19 @@ def test_a_resume_with_another_trajectory_is_refused_and_nothing_is_overwritten(
     assert checkpoints.latest_step(tmp_path) == 20
 
 
+def test_a_workdir_from_before_a_setting_existed_resumes_at_its_default(trained, tmp_path):
+    # A workdir made before igpt had model.objective (and model.mask_prob) computed "ar".
+    tmp_path = _copy(trained, tmp_path)
+    stored = json.loads((tmp_path / "config.json").read_text())
+    for field in ("objective", "mask_prob"):
+        del stored["model"][field]
+    (tmp_path / "config.json").write_text(json.dumps(stored))
+    with pytest.raises(ValueError, match="model.objective: None -> 'bert'"):
+        pretrain(_config(**{"model.objective": "bert"}), tmp_path)
+    pretrain(_config(num_steps="30"), tmp_path)
+    assert checkpoints.latest_step(tmp_path) == 30
+
+
 def test_changes_that_keep_the_trajectory_are_allowed_and_recorded(trained, tmp_path):
     tmp_path = _copy(trained, tmp_path)
     stored = (tmp_path / "config.json").read_text()

@@ -124,8 +124,10 @@ def eval_dataset(
     short side to 224, the centre 224 x 224, then down to the model resolution).
     Process p holds the examples p, p + P, p + 2P, ...; every process gets
     `num_eval_batches(len(source), global_batch_size)` batches, the last ones completed with
-    padding (`mask` False, label -1). The result is a grain `MapDataset`: `len()` batches,
-    iterable any number of times (`for batch in ds`), or `ds.to_iter_dataset(...)`.
+    padding (`mask` False, label -1); `index` is each example's index in the source (BERT
+    models are evaluated with masks drawn from it). The result is a grain `MapDataset`:
+    `len()` batches, iterable any number of times (`for batch in ds`), or
+    `ds.to_iter_dataset(...)`.
     """
     size = as_size(tokenizer.size if image_size is None else image_size)
     index, count, batch = _process_batch(global_batch_size, process_index, process_count)
@@ -170,8 +172,18 @@ class _PaddedShard:
         example = slot * self.count + self.index
         if example < len(self.source):
             record = self.source[example]
-            return {"image": record["image"], "label": record["label"], "mask": True}
-        return {"image": np.zeros((1, 1, 3), np.uint8), "label": -1, "mask": False}
+            return {
+                "image": record["image"],
+                "label": record["label"],
+                "mask": True,
+                "index": example,
+            }
+        return {
+            "image": np.zeros((1, 1, 3), np.uint8),
+            "label": -1,
+            "mask": False,
+            "index": example,
+        }
 
 
 def _augment_example(record: dict, rng: np.random.Generator, *, augment, size) -> dict:
@@ -184,14 +196,18 @@ def _resize_example(record: dict, *, size, crop: bool) -> dict:
         "image": resize(central_square(image) if crop else image, size),
         "label": np.int32(record["label"]),
         "mask": np.bool_(record["mask"]),
+        "index": np.int32(record["index"]),
     }
 
 
 def _tokenize_batch(batch: dict, *, tokenizer: ColorTokenizer) -> dict:
     images = batch["image"]  # (b, H, W, 3) uint8, already at the model resolution
     mask = batch.get("mask")
-    return {
+    out = {
         "tokens": tokenizer.encode_pixels(images).reshape(len(images), -1),
         "label": batch["label"].astype(np.int32),
         "mask": np.ones(len(images), bool) if mask is None else mask.astype(bool),
     }
+    if "index" in batch:  # evaluation: each example's index in its split (igpt.losses.eval_masks)
+        out["index"] = batch["index"].astype(np.int32)
+    return out

@@ -118,6 +118,9 @@ def finetune_defaults() -> ml_collections.ConfigDict:
     # val; () = one run at optimizer.learning_rate in WORKDIR.
     c.finetune.learning_rates = ()
     c.finetune.refit_on = ""  # train+val images for the final refit ("" = test the best run)
+    # BERT models: test predictions average the class probabilities over this many random
+    # masks (the paper's ensemble; validation passes use one mask).
+    c.finetune.ensemble_masks = 4
 
     c.optimizer.schedule = "constant"  # no cosine when fine-tuning (paper)
     c.optimizer.warmup_epochs = 0.0  # and no warmup
@@ -254,5 +257,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "sample: num_samples >= 0, num_completions >= 1, temperature "
         ">= 0 and top_k >= 0 are needed",
     )
+    if "finetune" in c:
+        m = c.finetune.ensemble_masks
+        _check(p, m >= 1, f"finetune.ensemble_masks={m} must be >= 1")
     if p:
         raise ValueError("Invalid config: " + "; ".join(p))

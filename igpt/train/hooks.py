@@ -9,13 +9,18 @@ grids and completions) for pretraining, early stopping for fine-tuning.
 from __future__ import annotations
 
 import abc
+import functools
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from igpt import data as data_lib
 from igpt import figures, sampling
+from igpt.losses import eval_masks
+from igpt.model import ImageGPT
 from igpt.sharding import global_batch
 from igpt.train.step import summarize_eval
 
@@ -78,9 +83,11 @@ class Evaluation(Periodic):
 
 
 class Pictures:
-    """A sample grid and half-image completions of the first validation images at each
-    evaluation, as PNGs under `workdir/samples` and images in TensorBoard (process 0
-    writes; every process samples so collectives stay in step)."""
+    """At each evaluation, as PNGs under `workdir/samples` and images in TensorBoard (process
+    0 writes; every process computes them so collectives stay in step): for an "ar" model a
+    sample grid and half-image completions of the first validation images; for a "bert"
+    model, which cannot sample, its fill-ins of the masked pixels of the first validation
+    images (their evaluation masks)."""
 
     def __init__(self, run):
         self.run = run
@@ -89,11 +96,41 @@ class Pictures:
         run, sample = self.run, self.run.config.sample
         if not sample.num_samples:
             return False
-        params, model_config, tokenizer = state.params, run.model_config, run.tokenizer
-        if jax.process_count() > 1:  # the sampler runs on each process's local devices
+        params, model_config = state.params, run.model_config
+        if jax.process_count() > 1:  # pictures are computed on each process's local devices
             from jax.experimental import multihost_utils
 
             params = multihost_utils.process_allgather(params, tiled=True)
+        if model_config.causal:
+            pictures = self._samples(step, params)
+        else:
+            pictures = self._fill_ins(params)
+        if jax.process_index() == 0:
+            for name, picture in pictures.items():
+                figures.save_png(Path(run.workdir) / "samples" / f"{name}_{step:07d}.png", picture)
+                run.writer.image(step, name, picture)
+        return False
+
+    def _fill_ins(self, params) -> dict:
+        run, model_config = self.run, self.run.model_config
+        source, side = run.val_source, model_config.image_side
+        count = min(8, len(source))  # a row of 8 images stays readable
+        tokens = run.tokenizer.encode([source[i]["image"] for i in range(count)], side)
+        masked = eval_masks(jnp.arange(count), side * side, model_config.mask_prob)
+        logits = _bert_logits(model_config, params, jnp.asarray(tokens), masked)
+        filled = np.where(masked, np.asarray(jnp.argmax(logits, -1)), tokens)
+        shape = (count, side, side)
+        sheet = figures.fill_in_sheet(
+            run.tokenizer.decode(tokens, side),
+            np.asarray(masked).reshape(shape),
+            run.tokenizer.decode(filled, side),
+            figures.auto_scale(side),
+        )
+        return {"fill_ins": sheet}
+
+    def _samples(self, step: int, params) -> dict:
+        run, sample = self.run, self.run.config.sample
+        model_config, tokenizer = run.model_config, run.tokenizer
         side = model_config.image_side
         scale = figures.auto_scale(side)
         options = dict(temperature=sample.temperature, top_k=sample.top_k or None)
@@ -119,8 +156,9 @@ class Pictures:
             pictures["completions"] = figures.completion_sheet(
                 originals, decoded.reshape(count, -1, side, side, 3), rows_kept, scale
             )
-        if jax.process_index() == 0:
-            for name, picture in pictures.items():
-                figures.save_png(Path(run.workdir) / "samples" / f"{name}_{step:07d}.png", picture)
-                run.writer.image(step, name, picture)
-        return False
+        return pictures
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _bert_logits(model_config, params, tokens_BxT, masked_BxT):
+    return ImageGPT(model_config).apply({"params": params}, tokens_BxT, masked=masked_BxT).logits

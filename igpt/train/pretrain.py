@@ -1,8 +1,8 @@
-"""Pretraining: the next-pixel objective, with validation passes and sample pictures.
+"""Pretraining (either objective), with validation passes and pictures.
 
 `pretrain(config, workdir)` is the whole task: the loop of `igpt.train.loop` with an
-evaluation hook (validation loss against the unigram and uniform baselines, then a sample grid
-and half-image completions), writing `final_metrics.json` at the end. A run restarted after
+evaluation hook (validation loss against the unigram and uniform baselines, then the pictures
+of `igpt.train.hooks.Pictures`), writing `final_metrics.json` at the end. A run restarted after
 it reached `num_steps` but before that file was written (killed during the final evaluation)
 evaluates again and writes it.
 """

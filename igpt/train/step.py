@@ -1,6 +1,7 @@
 """The pure pieces of training: state, optimizer, and the jitted, sharded train/eval steps.
 
-Shared by pretraining and fine-tuning; they differ only in the loss weights they pass.
+Shared by pretraining and fine-tuning (they differ only in the loss weights they pass) and by
+both objectives of `ModelConfig.objective` (they differ only in `_losses`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,14 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from igpt.config import ModelConfig
-from igpt.losses import classifier_inputs, model_inputs, token_nll
+from igpt.losses import (
+    bert_masks,
+    classifier_inputs,
+    eval_masks,
+    masked_example_nll,
+    model_inputs,
+    token_nll,
+)
 from igpt.model import ImageGPT
 from igpt.sharding import Rules, abstract, tree_shardings
 
@@ -108,39 +116,90 @@ def abstract_train_state(
     return abstract(shapes, shardings)
 
 
-def _losses(params, batch, rng, model: ImageGPT, deterministic: bool):
-    """Sums over the batch (masked examples excluded) and their denominators.
+def _losses(params, batch, rng, model: ImageGPT, deterministic: bool, masked=None):
+    """Sums over the batch (padding examples, `batch["mask"]` False, excluded) and their
+    denominators, and the class logits (None without a classifier).
 
-    Without a classifier the model reads SOS + tokens[:-1] and predicts every token. With one,
-    it reads the tokens themselves, as transformers' ImageGPTForImageClassification reads the
-    processor's input_ids, so an exported classifier predicts the same classes from
+    "ar": without a classifier the model reads SOS + tokens[:-1] and predicts every token.
+    With one, it reads the tokens themselves, as transformers' ImageGPTForImageClassification
+    reads the processor's input_ids, so an exported classifier predicts the same classes from
     `processor(images)`; the classifier pools over those positions and the generative loss
     predicts tokens 1..T-1 from them (the first pixel has no SOS to be predicted from).
+
+    "bert": the model reads the tokens with the `masked` (B, T) positions hidden, and the
+    generative sums count the masked positions only: "nll" and "tokens" over masked tokens
+    (bits per masked token), "example_nll" the sum of each example's mean over its masked
+    positions and "masked_examples" the examples with any, whose ratio is the BERT objective
+    (OpenAI's model.py averages the examples' means over the batch). The
+    classifier (fine-tuning) pools over all positions of the same masked pass, as there.
     """
     cfg = model.config
     tokens = batch["tokens"]
     mask = batch["mask"].astype(jnp.float32)
-    inputs = classifier_inputs(tokens) if cfg.num_labels else model_inputs(tokens, cfg.sos_id)
+    if cfg.causal:
+        inputs = classifier_inputs(tokens) if cfg.num_labels else model_inputs(tokens, cfg.sos_id)
+    else:
+        inputs = tokens
     out = model.apply(
-        {"params": params}, inputs, deterministic=deterministic, rngs={"dropout": rng}
+        {"params": params},
+        inputs,
+        masked=masked,
+        deterministic=deterministic,
+        rngs={"dropout": rng},
     )
     logits, targets = out.logits, tokens
-    if cfg.num_labels:
+    if cfg.causal and cfg.num_labels:
         logits, targets = logits[:, :-1], tokens[:, 1:]
-    nll_sum = jnp.sum(token_nll(logits, targets) * mask[:, None])
-    sums = {"nll": nll_sum, "tokens": jnp.sum(mask) * targets.shape[1], "examples": jnp.sum(mask)}
-    if cfg.num_labels:
-        clf_nll = token_nll(out.class_logits, batch["label"])
-        correct = jnp.argmax(out.class_logits, -1) == batch["label"]
-        sums |= {
-            "clf_nll": jnp.sum(clf_nll * mask),
-            "correct": jnp.sum(correct * mask),
-        }
-    return sums
+    nll_BxT = token_nll(logits, targets)
+    if cfg.causal:
+        counted = jnp.ones_like(nll_BxT)
+    else:
+        counted = masked.astype(jnp.float32)
+    sums = {
+        "nll": jnp.sum(nll_BxT * counted * mask[:, None]),
+        "tokens": jnp.sum(counted * mask[:, None]),
+        "examples": jnp.sum(mask),
+    }
+    if not cfg.causal:
+        any_masked = jnp.any(masked, axis=1).astype(jnp.float32) * mask
+        sums["example_nll"] = jnp.sum(masked_example_nll(nll_BxT, masked) * any_masked)
+        sums["masked_examples"] = jnp.sum(any_masked)
+    return sums, out.class_logits
+
+
+def _classifier_sums(log_probs_BxC: jax.Array, batch: dict) -> dict:
+    """Classifier loss and correct predictions summed over the batch's real examples."""
+    mask = batch["mask"].astype(jnp.float32)
+    clf_nll = token_nll(log_probs_BxC, batch["label"])
+    correct = jnp.argmax(log_probs_BxC, -1) == batch["label"]
+    return {"clf_nll": jnp.sum(clf_nll * mask), "correct": jnp.sum(correct * mask)}
+
+
+def _train_key(state_rng: jax.Array, step, micro_batch=None) -> jax.Array:
+    """The key of a step (and micro-batch): dropout draws from it, BERT masks from
+    `fold_in(key, 1)`."""
+    key = jax.random.fold_in(jax.random.wrap_key_data(state_rng), step)
+    return key if micro_batch is None else jax.random.fold_in(key, micro_batch)
+
+
+def _masks_from(key: jax.Array, shape: tuple[int, int], prob: float) -> jax.Array:
+    return bert_masks(jax.random.fold_in(key, 1), jnp.arange(shape[0]), shape[1], prob)
+
+
+def train_masks(
+    state_rng: jax.Array, step: int, shape: tuple[int, int], prob: float, micro_batch=None
+) -> jax.Array:
+    """The (B, T) masks a BERT train step at `step` uses for a batch of `shape` (or for its
+    micro-batch `micro_batch` under gradient accumulation), from the state's raw key data."""
+    return _masks_from(_train_key(state_rng, step, micro_batch), shape, prob)
 
 
 def _objective(sums: dict, weights: LossWeights) -> jax.Array:
-    loss = weights.generative * sums["nll"] / jnp.maximum(sums["tokens"], 1)
+    if "example_nll" in sums:  # bert: the mean over examples of their masked-position means
+        generative = sums["example_nll"] / jnp.maximum(sums["masked_examples"], 1)
+    else:  # ar: the mean over every predicted token
+        generative = sums["nll"] / jnp.maximum(sums["tokens"], 1)
+    loss = weights.generative * generative
     if "clf_nll" in sums:
         loss += weights.classification * sums["clf_nll"] / jnp.maximum(sums["examples"], 1)
     return loss
@@ -161,6 +220,8 @@ def make_train_step(
     `batch` holds global arrays: tokens (B, T) without SOS, label (B,), mask (B,). With
     `grad_accum_steps` = A, the batch is processed as A micro-batches whose gradients are
     averaged, each taking every A-th example so all devices work on every micro-batch.
+    A BERT model's masks come from the state's key: `train_masks(state.rng, step, ...)` for
+    each micro-batch, so they are reproducible from the run's seed and differ every step.
     """
     model = ImageGPT(model_config)
     shardings = state_shardings(model_config, tx, mesh, rules)
@@ -169,13 +230,18 @@ def make_train_step(
     )
 
     def micro_sums(params, batch, rng):
-        sums = _losses(params, batch, rng, model, deterministic)
+        masked = None
+        if not model_config.causal:
+            masked = _masks_from(rng, batch["tokens"].shape, model_config.mask_prob)
+        sums, class_logits = _losses(params, batch, rng, model, deterministic, masked)
+        if class_logits is not None:
+            sums |= _classifier_sums(jax.nn.log_softmax(class_logits), batch)
         return _objective(sums, weights), sums
 
     grad_fn = jax.value_and_grad(micro_sums, has_aux=True)
 
     def step(state: TrainState, batch: dict):
-        rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        rng = _train_key(state.rng, state.step)
         if grad_accum_steps == 1:
             (_, sums), grads = grad_fn(state.params, batch, rng)
         else:
@@ -188,7 +254,8 @@ def make_train_step(
 
             def accumulate(carry, xs):
                 i, one = xs
-                (_, sums), grads = grad_fn(state.params, one, jax.random.fold_in(rng, i))
+                key = _train_key(state.rng, state.step, i)
+                (_, sums), grads = grad_fn(state.params, one, key)
                 return jax.tree.map(jnp.add, carry, (sums, grads)), None
 
             first = jax.tree.map(lambda x: x[0], micro)
@@ -226,17 +293,52 @@ def _metrics(sums: dict) -> dict:
     if "clf_nll" in sums:
         out["clf_loss"] = sums["clf_nll"] / jnp.maximum(sums["examples"], 1)
         out["accuracy"] = sums["correct"] / jnp.maximum(sums["examples"], 1)
+    if "correct_one_mask" in sums:
+        out["accuracy_one_mask"] = sums["correct_one_mask"] / jnp.maximum(sums["examples"], 1)
     return out
 
 
-def make_eval_step(model_config: ModelConfig, mesh: Mesh) -> Callable[[dict, dict], dict]:
+def make_eval_step(
+    model_config: ModelConfig, mesh: Mesh, ensemble_masks: int = 1
+) -> Callable[[dict, dict], dict]:
     """`eval_step(params, batch) -> sums` of nll, tokens, examples, colour counts (and
-    classifier counts) over the unmasked examples, to be added up over a whole split."""
+    classifier counts) over the real examples, to be added up over a whole split.
+
+    BERT models are evaluated with masked inputs, as they were trained (paper section 4.6):
+    example i of the split with `eval_masks(i, ..., k)` for k < `ensemble_masks` (the batch
+    carries "index", as `igpt.data.eval_dataset` makes it). The generative sums add up over
+    the masks; a classifier's prediction averages its class probabilities over them, the
+    paper's ensemble over random masks, and "correct_one_mask" counts mask 0's alone.
+    """
+    if ensemble_masks < 1:
+        raise ValueError(f"ensemble_masks={ensemble_masks} must be >= 1")
     model = ImageGPT(model_config)
     replicated = NamedSharding(mesh, PartitionSpec())
 
+    def bert_sums(params, batch):
+        shape, prob = batch["tokens"].shape, model_config.mask_prob
+        sums, log_probs = {}, []
+        for k in range(ensemble_masks):
+            masked = eval_masks(batch["index"], shape[1], prob, k)
+            one, class_logits = _losses(params, batch, jax.random.key(0), model, True, masked)
+            sums = one if not sums else jax.tree.map(jnp.add, sums, one)
+            if class_logits is not None:
+                log_probs.append(jax.nn.log_softmax(class_logits))
+        sums["examples"] = jnp.sum(batch["mask"].astype(jnp.float32))  # each once, not per mask
+        if log_probs:
+            mean = jax.nn.logsumexp(jnp.stack(log_probs), axis=0) - jnp.log(len(log_probs))
+            sums |= _classifier_sums(mean, batch)
+            if ensemble_masks > 1:
+                sums["correct_one_mask"] = _classifier_sums(log_probs[0], batch)["correct"]
+        return sums
+
     def step(params, batch):
-        sums = _losses(params, batch, jax.random.key(0), model, True)
+        if model_config.causal:
+            sums, class_logits = _losses(params, batch, jax.random.key(0), model, True)
+            if class_logits is not None:
+                sums |= _classifier_sums(jax.nn.log_softmax(class_logits), batch)
+        else:
+            sums = bert_sums(params, batch)
         weight = jnp.broadcast_to(batch["mask"][:, None], batch["tokens"].shape)
         counts = jnp.zeros(model_config.palette_size).at[batch["tokens"]].add(weight)
         return sums | {"colour_counts": counts}

@@ -23,6 +23,7 @@ from igpt import files
 from igpt.config import ModelConfig
 from igpt.kmeans import fit_palette, sample_pixels
 from igpt.loading import PALETTE_FILE, read_palette
+from igpt.train.config import finetune_defaults, pretrain_defaults
 
 CONFIG_FILE = "config.json"
 RESUMES_FILE = "resumes.jsonl"
@@ -53,6 +54,13 @@ def _may_change(key: str) -> bool:
     return any(key == k or key.startswith(k + ".") for k in MAY_CHANGE)
 
 
+def _added_later(key: str, value) -> bool:
+    """A setting the workdir's stored config lacks because igpt added it later, now at its
+    default: the older code computed what that default computes (model.objective "ar")."""
+    defaults = [_flat(_as_json(make())) for make in (pretrain_defaults, finetune_defaults)]
+    return any(key in flat and flat[key] == value for flat in defaults)
+
+
 def check_restart(
     config: ml_collections.ConfigDict, workdir: Path, latest_step: int | None
 ) -> None:
@@ -70,6 +78,7 @@ def check_restart(
         key: [old_flat.get(key), new_flat.get(key)]
         for key in sorted(set(old_flat) | set(new_flat))
         if old_flat.get(key) != new_flat.get(key)
+        and not (key not in old_flat and _added_later(key, new_flat[key]))
     }
     refused = [f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items() if not _may_change(k)]
     if latest_step is not None and config.num_steps < latest_step:
