@@ -3,12 +3,25 @@
 from __future__ import annotations
 
 import ast
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
-import jax
+# One XLA compilation cache for the session and the scripts it runs, set before jax is
+# imported: the tests compile the same small programs again and again (every script run, every
+# new jitted closure), and reading them back takes a third off the subprocess-heavy tests.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="igpt-test-xla-cache-")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+
+import jax  # noqa: E402
 import numpy as np
 import pytest
 
