@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 from pathlib import Path
 
@@ -504,4 +505,40 @@ def plot_probe(result: dict, path: str | Path) -> Path | None:
         ylabel="accuracy (%)",
         references=references,
         highlight_x=result["best_layer"],
+    )
+
+
+def read_probe(directory: str | Path) -> dict:
+    """The `probe.json` a probe run wrote into `directory`."""
+    path = Path(directory) / PROBE_JSON
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: point at a probe run's --workdir")
+    return json.loads(path.read_text())
+
+
+def plot_probe_comparison(results: dict[str, dict], path: str | Path) -> Path | None:
+    """Several models' probe test accuracy by layer on one chart (the paper's comparison of
+    the AR and BERT objectives), with the first result's raw-pixel baselines as lines."""
+    if not results:
+        raise ValueError("plot_probe_comparison needs at least one probe result")
+    layer_counts = {name: len(result["layers"]) for name, result in results.items()}
+    if len(set(layer_counts.values())) != 1:
+        raise ValueError(f"the probes cover different numbers of layers: {layer_counts}")
+    first = next(iter(results.values()))
+    series = {
+        f"{name} (test)": [100 * row[result["headline"]] for row in result["layers"]]
+        for name, result in results.items()
+    }
+    references = {
+        f"raw pixels {size}x{size} (test)": 100 * pixels[first["headline"]]
+        for size, pixels in first.get("raw_pixels", {}).items()
+    }
+    return line_chart(
+        path,
+        [row["layer"] for row in first["layers"]],
+        series,
+        title="Linear probe accuracy by layer: " + " vs ".join(results),
+        xlabel="layer",
+        ylabel="accuracy (%)",
+        references=references,
     )

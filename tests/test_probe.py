@@ -257,3 +257,32 @@ def test_probe_cli_errors_are_one_line(tmp_path):
     )
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "does not exist" in result.stderr
+
+
+def _probe_json(directory, accuracies):
+    directory.mkdir(parents=True)
+    rows = [{"layer": i, "test_acc_refit": a} for i, a in enumerate(accuracies)]
+    result = {"layers": rows, "headline": "test_acc_refit",
+              "raw_pixels": {"8": {"test_acc_refit": 0.9}}}  # fmt: skip
+    (directory / "probe.json").write_text(json.dumps(result))
+    return directory
+
+
+def test_compare_probes_draws_several_runs_on_one_chart(tmp_path):
+    ar = _probe_json(tmp_path / "ar", [0.5, 0.8, 0.7])
+    bert = _probe_json(tmp_path / "bert", [0.4, 0.6, 0.65])
+    out = tmp_path / "cmp.png"
+    result = run_script(
+        "compare_probes", f"--probe=AR={ar}", f"--probe=BERT={bert}", f"--out={out}"
+    )
+    assert result.returncode == 0, result.stderr
+    with Image.open(out) as chart:
+        pixels = np.asarray(chart.convert("RGB"))
+    for colour in COLOURS[:2]:  # one line per run
+        assert np.all(np.abs(pixels.astype(int) - colour) < 8, axis=-1).sum() > 100
+
+    short = _probe_json(tmp_path / "short", [0.5, 0.6])
+    result = run_script("compare_probes", f"--probe=AR={ar}", f"--probe=S={short}", f"--out={out}")
+    assert result.returncode != 0 and "different numbers of layers" in result.stderr
+    result = run_script("compare_probes", f"--probe={ar}", f"--out={out}")
+    assert "write NAME=DIR" in result.stderr and "Traceback" not in result.stderr
