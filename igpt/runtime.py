@@ -29,3 +29,20 @@ def relaunch_with_huge_pages() -> None:
     os.environ["GLIBC_TUNABLES"] = TUNABLES
     # orig_argv keeps the interpreter's own options (-m, -X, -u ...), argv would lose them.
     os.execv(sys.executable, sys.orig_argv)
+
+
+def compile_ahead_environment(argv: list[str]) -> None:
+    """Settings for compiling ahead of time for `--topology=` in `argv` (benchmarks/aot.py),
+    before JAX is imported: the host's CPU backend only (the TPU compiler is a library, no TPU
+    is attached: libtpu must not look for one or ask a metadata server about it), and for
+    `cpu:N` that many simulated CPU devices."""
+    topology = next((a.split("=", 1)[1] for a in argv if a.startswith("--topology=")), "")
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # else libtpu logs errors
+    os.environ.setdefault("TPU_STDERR_LOG_LEVEL", "3")
+    os.environ.setdefault("TPU_MIN_LOG_LEVEL", "3")
+    platform, _, count = topology.partition(":")
+    if platform == "cpu" and count.isdigit():
+        flag = f"--xla_force_host_platform_device_count={count}"
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
