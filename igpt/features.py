@@ -44,7 +44,7 @@ from igpt.config import ModelConfig
 from igpt.loading import load_model, read_palette
 from igpt.losses import eval_masks, model_inputs
 from igpt.model import ImageGPT, RMSNorm
-from igpt.sharding import global_batch, make_mesh, param_shardings, place
+from igpt.sharding import global_batch, make_mesh, param_shardings, place, with_activation_sharding
 from igpt.tokenizer import ColorTokenizer
 
 
@@ -89,7 +89,7 @@ def make_feature_fn(config: ModelConfig, layers: Sequence[int], mesh):
         return jnp.stack(features), batch["label"], batch["mask"]
 
     replicated = NamedSharding(mesh, PartitionSpec())
-    return jax.jit(fn, out_shardings=replicated)
+    return jax.jit(with_activation_sharding(fn, mesh), out_shardings=replicated)
 
 
 class FeatureExtractor:

@@ -46,7 +46,28 @@ def _tokens_2d(dense: Callable, x: jax.Array, feature_axes: int = 1) -> jax.Arra
     """
     lead = x.shape[: x.ndim - feature_axes]
     y = dense(x.reshape((-1,) + x.shape[x.ndim - feature_axes :]))
-    return y.reshape(lead + y.shape[1:])
+    return keep_batch_sharded(y.reshape(lead + y.shape[1:]))
+
+
+# The mesh axes (igpt.sharding.MESH_AXES) a batch is split over.
+BATCH_AXES = ("data", "fsdp")
+
+
+def keep_batch_sharded(x: jax.Array) -> jax.Array:
+    """Constrain `x`'s leading (batch) axis to be split over `BATCH_AXES` and its other axes
+    to be whole, while a step is traced under `igpt.sharding.with_activation_sharding` (a no-op
+    elsewhere, e.g. on one device or in the sampler).
+
+    Without it, XLA's sharding propagation meets parameters split over "fsdp" along the
+    contracted "embed" axis and may all-gather the activations of the whole batch onto every
+    device instead of the (much smaller) parameters: an iGPT-XL step at one 64x64 image per
+    chip then needs every chip's attention for all 64 images (75 GB of temporaries).
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    free = (jax.sharding.PartitionSpec.UNCONSTRAINED,) * (x.ndim - 1)
+    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(BATCH_AXES, *free))
 
 
 def quick_gelu(x: jax.Array) -> jax.Array:
@@ -174,8 +195,10 @@ class Attention(nn.Module):
                 preferred_element_type=jnp.float32,
             )
             allowed = pos[None, :end] <= pos[lo:hi, None] if causal else jnp.ones((), bool)
-            probs = self._probs(scores, allowed, scale)
-            blocks.append(jnp.einsum("bhts,bshk->bthk", probs, v_BxTxHxK[:, :end]))
+            probs = self._probs(keep_batch_sharded(scores), allowed, scale)
+            blocks.append(
+                keep_batch_sharded(jnp.einsum("bhts,bshk->bthk", probs, v_BxTxHxK[:, :end]))
+            )
         return jnp.concatenate(blocks, axis=1) if len(blocks) > 1 else blocks[0]
 
     def _attend_with_cache(self, q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, start, scale) -> jax.Array:
@@ -264,7 +287,7 @@ class Block(nn.Module):
         )
         x = h_BxTxD + drop(a, deterministic=self.deterministic)
         m = MLP(cfg, self.deterministic, name="mlp")(RMSNorm(**norm, name="ln_2")(x))
-        x = x + drop(m, deterministic=self.deterministic)
+        x = keep_batch_sharded(x + drop(m, deterministic=self.deterministic))
         # carry = the new residual stream; scanned output = the stream before this block.
         return x, h_BxTxD
 
@@ -374,7 +397,7 @@ class ImageGPT(nn.Module):
         if masked is not None:
             h = h * (~masked)[..., None].astype(h.dtype)
         h = h + _wpe(cfg)(start + jnp.arange(t))[None]
-        h = nn.Dropout(cfg.embd_pdrop)(h, deterministic=deterministic)
+        h = keep_batch_sharded(nn.Dropout(cfg.embd_pdrop)(h, deterministic=deterministic))
 
         block = nn.remat(Block, prevent_cse=False) if cfg.remat else Block
         blocks = nn.scan(

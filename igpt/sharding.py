@@ -9,18 +9,18 @@ logical-partitioning functions, as in the flax lm1b example.
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
 from flax import linen as nn
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from igpt.model import param_shapes
+from igpt.model import BATCH_AXES, param_shapes
 
 MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
 
 # logical axis -> mesh axis or axes (None: replicated). Axes not listed are replicated.
 DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
@@ -66,6 +66,18 @@ def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None)
 def _rules(rules: Rules | None) -> tuple:
     rules = DEFAULT_RULES if rules is None else rules
     return tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in rules)
+
+
+def with_activation_sharding(fn: Callable, mesh: Mesh) -> Callable:
+    """`fn`, traced with the model's activation constraints (`igpt.model.keep_batch_sharded`)
+    bound to `mesh`: wrap a step in it before `jax.jit` (outside it they do nothing)."""
+
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+
+    return traced
 
 
 def tree_shardings(boxed_shapes, mesh: Mesh, rules: Rules | None = None):

@@ -28,7 +28,7 @@ from igpt.losses import (
     token_nll,
 )
 from igpt.model import ImageGPT
-from igpt.sharding import Rules, abstract, tree_shardings
+from igpt.sharding import Rules, abstract, tree_shardings, with_activation_sharding
 
 
 @struct.dataclass
@@ -279,7 +279,11 @@ def make_train_step(
         return new_state, metrics
 
     replicated = NamedSharding(mesh, PartitionSpec())
-    return jax.jit(step, donate_argnums=(0,), out_shardings=(shardings, replicated))
+    return jax.jit(
+        with_activation_sharding(step, mesh),
+        donate_argnums=(0,),
+        out_shardings=(shardings, replicated),
+    )
 
 
 def _all_finite(tree) -> jax.Array:
@@ -343,7 +347,7 @@ def make_eval_step(
         counts = jnp.zeros(model_config.palette_size).at[batch["tokens"]].add(weight)
         return sums | {"colour_counts": counts}
 
-    return jax.jit(step, out_shardings=replicated)
+    return jax.jit(with_activation_sharding(step, mesh), out_shardings=replicated)
 
 
 def summarize_eval(total: dict) -> dict:
