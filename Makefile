@@ -19,7 +19,7 @@ $(VENV)/.test: $(VENV)/.run
 
 RUN := runs/digits
 
-.PHONY: demo test fashion
+.PHONY: demo test fashion tpu-compiler test-tpu
 # Pretrain on the embedded digits (resumes if interrupted), sample, then probe every layer.
 demo: $(VENV)/.run
 	$(PY) scripts/train.py --config=configs/digits.py --workdir=$(RUN)
@@ -30,6 +30,19 @@ test: $(VENV)/.test
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	GLIBC_TUNABLES=glibc.malloc.hugetlb=1 $(PY) -m pytest -q  # igpt/runtime.py: the entry points set it themselves
+
+# The TPU compiler (libtpu, the version jax names for its tpu extra), beside the venv and not
+# in it: importable, it makes every JAX process on a CPU machine look for a TPU and warn.
+TPU_LIB := $(VENV)/libtpu
+$(TPU_LIB)/.done: $(VENV)/.test
+	$(VENV)/bin/pip install --quiet --no-deps --target $(TPU_LIB) "$$($(PY) -c "import importlib.metadata as m; print(next(r.split(';')[0] for r in m.requires('jax') if r.startswith('libtpu')))")"
+	touch $@
+tpu-compiler: $(TPU_LIB)/.done
+
+# The sharding checks compiled for TPU slices (tests/test_sharding.py), on this CPU machine.
+test-tpu: $(TPU_LIB)/.done
+	PYTHONPATH=$(TPU_LIB) $(PY) -c "import libtpu"
+	PYTHONPATH=$(TPU_LIB) $(PY) -m pytest -q tests/test_sharding.py -k tpu
 
 OBJECTIVE ?= ar
 FASHION := runs/fashion$(if $(filter bert,$(OBJECTIVE)),-bert)
