@@ -509,10 +509,14 @@ def plot_probe(result: dict, path: str | Path) -> Path | None:
 
 
 def read_probe(directory: str | Path) -> dict:
-    """The `probe.json` a probe run wrote into `directory`."""
-    path = Path(directory) / PROBE_JSON
+    """The `probe.json` a probe run wrote into `directory`, or that file itself (a copy kept
+    after the run dir is gone, like docs/fashion_bert_probe.json)."""
+    path = Path(directory)
+    path = path if path.suffix == ".json" else path / PROBE_JSON
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: point at a probe run's --workdir")
+        raise FileNotFoundError(
+            f"{path} does not exist: point at a probe run's --workdir or its {PROBE_JSON}"
+        )
     return json.loads(path.read_text())
 
 

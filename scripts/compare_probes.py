@@ -2,14 +2,14 @@
 objectives, as the paper compares them).
 
   python scripts/compare_probes.py --probe=AR=runs/fashion/probe \
-      --probe=BERT=runs/fashion-bert/probe --out=docs/fashion_ar_vs_bert.png
+      --probe=BERT=docs/fashion_bert_probe.json --out=docs/fashion_ar_vs_bert.png
 """
 
 from absl import flags
 
 from igpt import cli
 
-flags.DEFINE_multi_string("probe", None, "NAME=DIR of a probe run (its probe.json); repeat",
+flags.DEFINE_multi_string("probe", None, "NAME=DIR of a probe run, or NAME=its probe.json; repeat",
                           required=True)  # fmt: skip
 flags.DEFINE_string("out", None, "PNG file to write", required=True)
 FLAGS = flags.FLAGS

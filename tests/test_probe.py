@@ -272,8 +272,9 @@ def test_compare_probes_draws_several_runs_on_one_chart(tmp_path):
     ar = _probe_json(tmp_path / "ar", [0.5, 0.8, 0.7])
     bert = _probe_json(tmp_path / "bert", [0.4, 0.6, 0.65])
     out = tmp_path / "cmp.png"
+    # A run dir, or its probe.json kept on its own (docs/fashion_bert_probe.json).
     result = run_script(
-        "compare_probes", f"--probe=AR={ar}", f"--probe=BERT={bert}", f"--out={out}"
+        "compare_probes", f"--probe=AR={ar}", f"--probe=BERT={bert / 'probe.json'}", f"--out={out}"
     )
     assert result.returncode == 0, result.stderr
     with Image.open(out) as chart:
