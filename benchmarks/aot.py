@@ -90,7 +90,7 @@ def topology_devices(topology: str) -> list:
     except ImportError as e:  # pragma: no cover - depends on what is installed
         raise cli.UsageError(f"--topology={topology}: {e}") from None
     except Exception as e:
-        if "libtpu" in str(e).lower() or "no tpu" in str(e).lower() or "backend" in str(e):
+        if "tpu support not installed" in str(e).lower():
             raise cli.UsageError(
                 f"--topology={topology}: the TPU compiler is not installed "
                 "(pip install 'igpt[tpu]'), or use --topology=cpu:N"
@@ -233,9 +233,20 @@ def plan(config, topology: str, programs, mfu: float) -> dict:
     }  # fmt: skip
     for name in programs:
         lowered, flops, tokens = lower_program(name, config, model_config, mesh, rules)
-        compiled = lowered.compile()
-        entry = {"memory": memory(compiled), "flops": flops, "tokens": tokens}
-        entry["fits"] = None if hbm is None else entry["memory"]["total"] <= hbm
+        entry = {"flops": flops, "tokens": tokens}
+        try:
+            entry["memory"] = memory(lowered.compile())
+            entry["fits"] = None if hbm is None else entry["memory"]["total"] <= hbm
+        except jax.errors.JaxRuntimeError as e:
+            # The TPU compiler refuses a program that cannot fit in HBM: a plan's answer, not
+            # an error ("... memory required for HLO temporaries (77.25G) exceeds ...").
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            entry["memory"], entry["fits"] = None, False
+            entry["compiler"] = next(
+                (line.strip() for line in str(e).splitlines() if "exceeds" in line),
+                str(e).splitlines()[0],
+            )
         if peak:
             seconds = flops / chips / (mfu * peak)
             entry["step_seconds"] = seconds
@@ -268,6 +279,9 @@ def report(result: dict) -> str:
     ]  # fmt: skip
     for name, entry in result["programs"].items():
         m = entry["memory"]
+        if m is None:
+            lines.append(f"{name:9s} DOES NOT FIT: {entry['compiler']}")
+            continue
         fits = {None: "", True: "  fits", False: "  DOES NOT FIT"}[entry["fits"]]
         lines.append(
             f"{name:9s} per chip: arguments {_gib(m['arguments'])}, outputs {_gib(m['outputs'])}"

@@ -42,6 +42,9 @@ def compile_ahead_environment(argv: list[str]) -> None:
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # else libtpu logs errors
     os.environ.setdefault("TPU_STDERR_LOG_LEVEL", "3")
     os.environ.setdefault("TPU_MIN_LOG_LEVEL", "3")
+    # libtpu's one-process-per-host lockfile guards attached chips; compiling needs none, and
+    # without this a second plan run beside the first fails.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     platform, _, count = topology.partition(":")
     if platform == "cpu" and count.isdigit():
         flag = f"--xla_force_host_platform_device_count={count}"

@@ -118,8 +118,21 @@ def test_plan_memory_per_device_falls_as_fsdp_grows(tmp_path):
     assert many["programs"]["sample"]["tokens"] == 36 * 64
 
 
+HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
+
+
+@pytest.mark.skipif(HAS_LIBTPU, reason="libtpu is installed")
+def test_a_tpu_topology_without_libtpu_is_a_one_line_error():
+    args = [sys.executable, "-m", "benchmarks.aot", "--config=configs/digits.py"]
+    result = subprocess.run(
+        [*args, "--topology=v5e:2x2"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr  # a usage error
+    assert "the TPU compiler is not installed (pip install 'igpt[tpu]')" in result.stderr
+
+
 @pytest.mark.skipif(
-    importlib.util.find_spec("libtpu") is None,
+    not HAS_LIBTPU,
     reason="the TPU compiler is not installed (pip install 'igpt[tpu]')",
 )
 def test_tpu_plan_memory_per_chip_falls_as_fsdp_grows(tmp_path):
@@ -133,3 +146,9 @@ def test_tpu_plan_memory_per_chip_falls_as_fsdp_grows(tmp_path):
     assert many["chips"] == 16 and many["device_kind"].startswith("TPU v5")
     assert many["hbm_per_chip"] == 16 * 2**30 and many["programs"]["train"]["fits"]
     _assert_memory_falls(few, many, 4)
+    # A plan that cannot fit is an answer with the compiler's figure, not a crash.
+    huge = ("--config.model.n_embd=1024", "--config.batch_size=65536")
+    plan = _plan(tmp_path, "v5e:2x2", "1,4,1", "train", huge)
+    train = plan["programs"]["train"]
+    assert train["fits"] is False and train["memory"] is None
+    assert "exceeds available HBM" in train["compiler"], train
