@@ -1,5 +1,6 @@
 """Probe features: the paper's `f_l = mean over positions of norm(h_l)` for every requested
-layer of a checkpoint, in one sharded forward pass per batch, cached on disk.
+layer of a checkpoint, in one sharded forward pass per batch, written to disk as they are
+computed (igpt.feature_store) and reused by later runs.
 
 Layers. With L = n_layer, layer l in 0..L-1 is the residual stream h_l entering block l
 (layer 0 is the embeddings) and layer L is the stream after the last block.
@@ -28,22 +29,22 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
-from tqdm.auto import tqdm
 
 from igpt import data as data_lib
-from igpt import files
 from igpt.config import ModelConfig
+from igpt.feature_store import FeatureStore, StoredFeatures
 from igpt.loading import load_model, read_palette
 from igpt.losses import eval_masks, model_inputs
-from igpt.model import ImageGPT, RMSNorm
+from igpt.model import BATCH_AXES, ImageGPT, RMSNorm
 from igpt.sharding import global_batch, make_mesh, param_shardings, place, with_activation_sharding
 from igpt.tokenizer import ColorTokenizer
 
@@ -63,11 +64,12 @@ def check_layers(config: ModelConfig, layers: Sequence[int] | None) -> tuple[int
 
 
 def make_feature_fn(config: ModelConfig, layers: Sequence[int], mesh):
-    """`fn(params, batch) -> (features (len(layers), B, D), label (B,), mask (B,))`, jitted.
+    """`fn(params, batch) -> features (B, len(layers), D)`, jitted.
 
     `batch` holds global arrays sharded like training batches (tokens without SOS); the
-    outputs are replicated so every process can read them. The model's logits are computed
-    by nothing that is returned, so XLA drops the output head.
+    features stay sharded the same way, so each process reads back its own examples only
+    (`multihost_utils.global_array_to_host_local_array`) and no host gathers the split. The
+    model's logits are computed by nothing that is returned, so XLA drops the output head.
     """
     model = ImageGPT(config)
     norm = RMSNorm(config.layer_norm_epsilon, jnp.float32, config.storage_dtype)
@@ -86,22 +88,38 @@ def make_feature_fn(config: ModelConfig, layers: Sequence[int], mesh):
                 gain = params["h"]["ln_1"]["scale"][layer]
                 h_BxTxD = norm.apply({"params": {"scale": gain}}, h_BxTxD)
             features.append(jnp.mean(h_BxTxD, axis=1))
-        return jnp.stack(features), batch["label"], batch["mask"]
+        return jnp.stack(features, axis=1)
 
-    replicated = NamedSharding(mesh, PartitionSpec())
-    return jax.jit(with_activation_sharding(fn, mesh), out_shardings=replicated)
+    fn = with_activation_sharding(fn, mesh)
+    return jax.jit(fn, out_shardings=NamedSharding(mesh, PartitionSpec(BATCH_AXES)))
+
+
+def layer_name(layer: int) -> str:
+    """The feature set of one layer in a FeatureStore."""
+    return f"layer_{layer}"
+
+
+def store_name(spec: str, image_size: int, center_crop: bool, suffix: str = "") -> str:
+    """A store's directory name: the split spec (readable, plus a digest of the exact spec,
+    since "train[:10]" and "train[10:]" read alike), the resolution, the crop and `suffix`."""
+    readable = re.sub(r"[^\w.%-]+", "_", spec).strip("_")
+    exact = hashlib.blake2b(spec.encode(), digest_size=4).hexdigest()
+    crop = "_crop" if center_crop else ""
+    return f"{readable}-{exact}_{image_size}px{crop}{suffix}"
 
 
 class FeatureExtractor:
-    """Probe features of one checkpoint for any data split, sharded over a device mesh.
+    """Probe features of one checkpoint for any data split, sharded over a device mesh and
+    kept on disk, one FeatureStore per split.
 
     Args:
       checkpoint: an igpt model dir, a training workdir (its latest checkpoint) or a
         transformers checkpoint dir.
+      features_dir: where the stores are kept (reused by later runs of the same checkpoint).
       batch_size: global batch of the forward passes (split over processes and the mesh).
       mesh_shape: (data, fsdp, tensor) as in training; parameters are sharded by the model's
         logical axes, batches over data x fsdp.
-      cache_dir: where `features()` keeps its npz files (None: no cache).
+      max_bytes: stored features are read in blocks of at most this many bytes.
       palette: a (K, 3) .npy file or transformers dir to tokenize with, instead of the
         checkpoint's own palette.
       center_crop: cut images to their central square before resizing (ImageNet evaluation).
@@ -111,9 +129,10 @@ class FeatureExtractor:
         self,
         checkpoint: str | os.PathLike,
         *,
+        features_dir: str | os.PathLike,
         batch_size: int = 128,
         mesh_shape: Sequence[int] = (-1, 1, 1),
-        cache_dir: str | os.PathLike | None = None,
+        max_bytes: int = 1 << 30,
         palette: str = "",
         center_crop: bool = False,
     ):
@@ -135,39 +154,39 @@ class FeatureExtractor:
         self.tokenizer = ColorTokenizer(palette, size=self.image_size)
         self.batch_size = batch_size
         self.center_crop = center_crop
-        self.cache_dir = None if cache_dir is None else Path(cache_dir)
+        self.features_dir = Path(features_dir)
+        self.max_bytes = max_bytes
         self.fingerprint = _fingerprint(config, params, palette)
         self.mesh = make_mesh(mesh_shape)
         self.params = place(params, param_shardings(config, self.mesh))
-        self._fns = {}
+
+    def store(self, spec: str) -> FeatureStore:
+        """The store of split `spec` for this checkpoint (named by the checkpoint's
+        fingerprint too: two checkpoints share features only if they compute the same)."""
+        suffix = f"_{self.fingerprint[:16]}"
+        return FeatureStore(
+            self.features_dir / store_name(spec, self.image_size, self.center_crop, suffix)
+        )
 
     def features(
         self, spec: str, layers: Sequence[int] | None = None
-    ) -> tuple[dict[int, np.ndarray], np.ndarray]:
-        """`({layer: (N, D) float32}, labels (N,))` for the data split `spec` (a source spec
-        such as "digits:test"), every example once, padding dropped.
+    ) -> tuple[dict[int, StoredFeatures], np.ndarray]:
+        """`({layer: (N, D) stored features}, labels (N,))` for the data split `spec` (a
+        source spec such as "digits:test"), every example once in the split's order.
 
-        With a cache dir, layers already extracted for this checkpoint, split and resolution
-        are read back. If any is missing, the cached layers are extracted again with them:
-        one forward pass computes every layer anyway, and a single pass keeps all layers in
-        one example order (which depends on the process count).
+        Layers already in the split's store are read from it; the others are extracted in
+        one forward pass over the split, resumed where a killed run left it.
         """
         layers = check_layers(self.config, layers)
-        cached, labels = self._read_cache(spec)
-        if any(layer not in cached for layer in layers):
-            wanted = tuple(sorted(set(layers) | set(cached)))
-            cached, labels = self.extract(data_lib.open_source(spec), wanted, desc=spec)
-            self._write_cache(spec, cached, labels)
-        return {layer: cached[layer] for layer in layers}, labels
+        store = self.store(spec)
+        missing = [layer for layer in layers if layer_name(layer) not in store.names()]
+        if missing:
+            self._extract(store, spec, missing)
+        stored = {layer: store.features(layer_name(layer), self.max_bytes) for layer in layers}
+        return stored, store.labels()
 
-    def extract(
-        self, source, layers: Sequence[int], desc: str = "features"
-    ) -> tuple[dict[int, np.ndarray], np.ndarray]:
-        """Features of the given (checked) layers for every example of a data source."""
-        layers = tuple(layers)
-        if layers not in self._fns:
-            self._fns[layers] = make_feature_fn(self.config, layers, self.mesh)
-        fn = self._fns[layers]
+    def _extract(self, store: FeatureStore, spec: str, layers: list[int]) -> None:
+        source = data_lib.open_source(spec)
         batches = data_lib.eval_dataset(
             source,
             self.tokenizer,
@@ -175,53 +194,33 @@ class FeatureExtractor:
             image_size=self.image_size,
             center_crop=self.center_crop,
         )
-        stream = batches.to_iter_dataset(grain.ReadOptions(num_threads=4, prefetch_buffer_size=4))
-        chunks, pending = [], None
-        show = jax.process_index() == 0
-        for local in tqdm(stream, total=len(batches), desc=desc, disable=not show, leave=False):
-            # Read the previous batch's result only after dispatching this one, so the host
-            # prepares batch k+1 while the devices compute batch k.
-            result = fn(self.params, global_batch(local, self.mesh))
+        fn = make_feature_fn(self.config, layers, self.mesh)
+        out_spec = PartitionSpec(BATCH_AXES)
+
+        def kept(local, result):  # this process's examples, padding dropped
+            features_BxLxD = multihost_utils.global_array_to_host_local_array(
+                result, self.mesh, out_spec
+            )
+            keep = local["mask"]
+            features_BxLxD = np.asarray(features_BxLxD)[keep]
+            rows = {layer_name(k): features_BxLxD[:, i] for i, k in enumerate(layers)}
+            return local["index"][keep], local["label"][keep], rows
+
+        def produce(start: int) -> Iterator:
+            options = grain.ReadOptions(num_threads=4, prefetch_buffer_size=4)
+            pending = None
+            for local in batches[start:].to_iter_dataset(options):
+                # Read the previous batch's result only after dispatching this one, so the
+                # host prepares batch k+1 while the devices compute batch k.
+                result = fn(self.params, global_batch(local, self.mesh))
+                if pending is not None:
+                    yield kept(*pending)
+                pending = local, result
             if pending is not None:
-                chunks.append(_kept(pending))
-            pending = result
-        chunks.append(_kept(pending))
-        features_LxNxD = np.concatenate([c[0] for c in chunks], axis=1)
-        labels = np.concatenate([c[1] for c in chunks])
-        return dict(zip(layers, features_LxNxD, strict=True)), labels
+                yield kept(*pending)
 
-    def cache_path(self, spec: str) -> Path | None:
-        """The npz file of a split: named by the split spec (readable, plus a digest of the
-        exact spec, since "train[:10]" and "train[10:]" read alike), the resolution and the
-        checkpoint's fingerprint."""
-        if self.cache_dir is None:
-            return None
-        readable = re.sub(r"[^\w.%-]+", "_", spec).strip("_")
-        exact = hashlib.blake2b(spec.encode(), digest_size=4).hexdigest()
-        crop = "_crop" if self.center_crop else ""
-        name = f"{readable}-{exact}_{self.image_size}px{crop}_{self.fingerprint[:16]}.npz"
-        return self.cache_dir / name
-
-    def _read_cache(self, spec: str) -> tuple[dict[int, np.ndarray], np.ndarray | None]:
-        path = self.cache_path(spec)
-        if path is None or not path.exists():
-            return {}, None
-        with np.load(path) as stored:
-            layers = {int(k.split("_")[1]): stored[k] for k in stored.files if k != "labels"}
-            return layers, stored["labels"]
-
-    def _write_cache(self, spec: str, layers: dict[int, np.ndarray], labels: np.ndarray) -> None:
-        path = self.cache_path(spec)
-        if path is None or jax.process_index() != 0:
-            return
-        with files.atomic_path(path) as staging:  # a reader never sees a half-written file
-            np.savez(staging, labels=labels, **{f"layer_{k}": v for k, v in layers.items()})
-
-
-def _kept(result) -> tuple[np.ndarray, np.ndarray]:
-    """A batch's features and labels on the host, padding examples dropped."""
-    features, labels, mask = jax.device_get(result)
-    return features[:, mask], labels[mask]
+        dims = {layer_name(layer): self.config.n_embd for layer in layers}
+        store.fill(dims, len(source), len(batches), produce, desc=spec)
 
 
 def _fingerprint(config: ModelConfig, params: dict, palette: np.ndarray) -> str:

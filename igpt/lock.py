@@ -1,4 +1,4 @@
-"""Exclusive locks on directories (a training workdir, a feature cache), held for a run's life.
+"""Exclusive locks on directories (a training workdir, a features dir), held for a run's life.
 
 The lock is an `fcntl.flock` on `DIR/.lock`, so the kernel releases it on every exit path,
 SIGKILL included: a lock left by a dead process never blocks a restart. The file records who

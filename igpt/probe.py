@@ -7,9 +7,11 @@ The objective, over standardised features x (training-set mean and standard devi
 
 scikit-learn's `LogisticRegression(C=C)` minimises `C * sum_i CE_i + ||W||^2 / 2`, the same
 objective divided by C * n, so `l2 = 1 / (C * n)` (`l2_to_c` / `c_to_l2`). It is solved
-full-batch with L-BFGS (optax's, zoom line search) when the training features fit on the
-device, else by mini-batch SGD with momentum and a cosine learning-rate schedule (the paper's
-ImageNet probe). `l2` is chosen per layer on a validation split from a grid.
+full-batch with L-BFGS (optax's, zoom line search) when the features fit in host memory and
+the training features on the device, else by mini-batch SGD with momentum and a cosine
+learning-rate schedule (the paper's ImageNet probe), streaming features too large for memory
+from their stores on disk (igpt.feature_store). `l2` is chosen per layer on a validation split
+from a grid.
 """
 
 from __future__ import annotations
@@ -29,13 +31,16 @@ import optax
 from igpt import data as data_lib
 from igpt import files
 from igpt.data.augment import central_square
-from igpt.features import FeatureExtractor, check_layers
+from igpt.feature_store import FeatureStore, StoredFeatures, blocks, concatenate, in_memory
+from igpt.features import FeatureExtractor, check_layers, store_name
 from igpt.figures import line_chart
 from igpt.lock import DirectoryLock
 from igpt.pixels import pixel_values, resize, to_rgb
 
 PROBE_JSON = "probe.json"
 PROBE_PLOT = "probe_accuracy.png"
+PIXELS = "pixels"  # the feature set of raw pixels in a FeatureStore
+_PIXEL_BATCH = 256  # images resized per batch written
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,15 +105,29 @@ class LinearProbe:
         """(N, D) raw features -> (N, K) class logits."""
         return ((features - self.mean) / self.scale) @ self.weights + self.bias
 
-    def accuracy(self, features: np.ndarray, labels: np.ndarray) -> float:
-        """Fraction of examples whose highest logit is their label."""
-        return float(np.mean(np.argmax(self.logits(features), axis=-1) == labels))
+    def accuracy(self, features, labels: np.ndarray) -> float:
+        """Fraction of examples (an array or stored features, read block by block) whose
+        highest logit is their label."""
+        predictions = [np.argmax(self.logits(block), axis=-1) for block in blocks(features)]
+        return float(np.mean(np.concatenate(predictions) == labels))
 
 
-def standardizer(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-feature mean and standard deviation (1 where a feature is constant)."""
-    features = np.asarray(features, np.float64)
-    mean, std = features.mean(axis=0), features.std(axis=0)
+def standardizer(features) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and standard deviation (1 where a feature is constant), of an array
+    or of stored features block by block: each block's mean and squared deviations, in
+    float64, merged as in Chan et al.'s parallel variance (exact for a single block)."""
+    count, mean, squares = 0, 0.0, 0.0
+    for block in blocks(features):
+        block = np.array(block, np.float64)  # a copy, squared in place below
+        block_mean = block.mean(axis=0)
+        block -= block_mean
+        block_squares = np.square(block, out=block).sum(axis=0)
+        total = count + len(block)
+        delta = block_mean - mean
+        mean = mean + delta * (len(block) / total)
+        squares = squares + block_squares + np.square(delta) * (count * len(block) / total)
+        count = total
+    std = np.sqrt(squares / count)
     return mean.astype(np.float32), np.where(std > 1e-8, std, 1.0).astype(np.float32)
 
 
@@ -152,7 +171,7 @@ def fit_lbfgs(x: np.ndarray, y: np.ndarray, l2: float, init: dict, settings: Pro
 
 
 def fit_sgd(
-    features: np.ndarray,
+    features,
     y: np.ndarray,
     l2: float,
     init: dict,
@@ -164,34 +183,86 @@ def fit_sgd(
     """Minimise `objective` by mini-batch SGD with momentum and a cosine schedule from
     `learning_rate` to 0.
 
-    Raw features stay on the host; each batch is standardised on the device, so the full
-    set is never copied there.
+    Raw features (an array, or stored features) stay on the host; each batch is
+    standardised on the device, so the full set is never copied there. Stored features are
+    read again every epoch, into one buffer (`_epoch_chunks`) of half their memory bound.
+    The other half is the batches': 8 of them, since two steps are alive at once (the one
+    running and the next being gathered), each with its batch on the host and the device,
+    standardised, and the gradient's temporaries.
     """
     n = len(features)
     batch = min(settings.sgd_batch_size, n)
-    steps_per_epoch = math.ceil(n / batch)
-    schedule = optax.cosine_decay_schedule(learning_rate, settings.sgd_epochs * steps_per_epoch)
-    tx = optax.sgd(schedule, momentum=settings.sgd_momentum)
-    mean, scale = jnp.asarray(mean), jnp.asarray(scale)
-
-    @jax.jit
-    def step(params, opt_state, xb, yb, weight):
-        grads = jax.grad(objective)(params, (xb - mean) / scale, yb, l2, weight)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
-
-    params, opt_state = init, tx.init(init)
+    chunk_rows, buffer = n, None  # stored features: chunks, read into one buffer
+    if isinstance(features, StoredFeatures):
+        half, batch_bytes = features.max_bytes // 2, batch * features.row_bytes
+        if 8 * batch_bytes > half:
+            raise ValueError(
+                f"host_memory_mb={features.max_bytes / 2**20:g} is too small for SGD batches "
+                f"of {batch} x {features.shape[1]} features (at least "
+                f"{16 * batch_bytes / 2**20:.3g} MiB): raise it or lower probe.sgd_batch_size"
+            )
+        chunk_rows = max(batch, half // features.row_bytes // batch * batch)  # whole batches
+        buffer = np.empty((min(chunk_rows, n), features.shape[1]), np.float32)
+    steps_per_epoch = (n // chunk_rows) * math.ceil(chunk_rows / batch) + math.ceil(
+        (n % chunk_rows) / batch
+    )
+    total = settings.sgd_epochs * steps_per_epoch
+    schedule = optax.cosine_decay_schedule(learning_rate, total)
+    rates = np.asarray(jax.vmap(schedule)(jnp.arange(total)), np.float32)
+    mean, scale, momentum = jnp.asarray(mean), jnp.asarray(scale), settings.sgd_momentum
+    params, velocity = init, jax.tree.map(jnp.zeros_like, init)
     rng = np.random.default_rng(settings.seed)
+    t = 0
     for _ in range(settings.sgd_epochs):
-        order = rng.permutation(n)
-        for i in range(steps_per_epoch):
-            # The last batch is padded to full size with weight 0: one compiled shape.
-            index = order[i * batch : (i + 1) * batch]
-            weight = np.zeros(batch, np.float32)
-            weight[: len(index)] = 1.0
-            index = np.resize(index, batch)
-            params, opt_state = step(params, opt_state, features[index], y[index], weight)
+        for x_chunk, y_chunk, order in _epoch_chunks(features, y, chunk_rows, rng, buffer):
+            for i in range(math.ceil(len(order) / batch)):
+                # The last batch is padded to full size with weight 0: one compiled shape.
+                index = order[i * batch : (i + 1) * batch]
+                weight = np.zeros(batch, np.float32)
+                weight[: len(index)] = 1.0
+                index = np.resize(index, batch)
+                previous = params
+                xb, yb = x_chunk[index], y_chunk[index]
+                params, velocity = _sgd_step(
+                    params, velocity, xb, yb, weight, mean, scale, l2, rates[t], momentum
+                )
+                t += 1
+                # At most one step in flight: queued steps would each hold their batch.
+                jax.block_until_ready(previous)
     return params
+
+
+@jax.jit
+def _sgd_step(params, velocity, xb, yb, weight, mean, scale, l2, learning_rate, momentum):
+    """One step of SGD with momentum (optax.sgd's: velocity = grad + momentum * velocity,
+    params -= rate * velocity) on a batch standardised here. Everything that varies is an
+    argument, so each batch shape compiles once per process, not once per fit."""
+    grads = jax.grad(objective)(params, (xb - mean) / scale, yb, l2, weight)
+    velocity = jax.tree.map(lambda v, g: g + momentum * v, velocity, grads)
+    params = jax.tree.map(lambda p, v: p - learning_rate * v, params, velocity)
+    return params, velocity
+
+
+def _epoch_chunks(features, y, chunk_rows, rng, buffer):
+    """One epoch of training examples in random order: (features, labels, order) chunks of
+    at most `chunk_rows`, whose batches are the rows `order[i * B : (i + 1) * B]`.
+
+    An array is one chunk, in a random permutation. Stored features are shuffled as well as
+    streaming allows: the split is cut into pieces of 1/64 of a chunk, the pieces are put
+    in random order, and each chunk (64 pieces from all over the split, each one contiguous
+    read into `buffer`) is visited in a random permutation.
+    """
+    n = len(y)
+    if isinstance(features, np.ndarray):
+        yield features, y, rng.permutation(n)
+        return
+    piece = max(1, chunk_rows // 64)
+    starts = rng.permutation(math.ceil(n / piece)) * piece
+    order = np.concatenate([np.arange(s, min(s + piece, n)) for s in starts])
+    for c in range(0, n, chunk_rows):
+        index = order[c : c + chunk_rows]
+        chunk = features.take(index, out=buffer[: len(index)])
+        yield chunk, y[index], rng.permutation(len(index))
 
 
 def fit_probes(
@@ -204,15 +275,13 @@ def fit_probes(
     """One probe per L2 strength (in the order given) on `train` = (features, labels), with
     features standardised by the training split's own statistics. Full-batch fits start from
     the previous solution, so give strengths from strongest to weakest."""
-    x, y = np.asarray(train[0], np.float32), np.asarray(train[1])
+    x, y = train[0], np.asarray(train[1])
     if y.min() < 0:
         raise ValueError("probes need labelled examples; the split has labels of -1")
     mean, scale = standardizer(x)
-    solver = settings.solver
-    if solver == "auto":
-        solver = "lbfgs" if x.size <= settings.full_batch_max else "sgd"
+    solver = choose_solver(x, settings)
     if solver == "lbfgs":
-        x_std = (x - mean) / scale
+        x_std = (np.asarray(x, np.float32) - mean) / scale
     params = {
         "w": jnp.zeros((x.shape[1], num_classes), jnp.float32),
         "b": jnp.zeros((num_classes,), jnp.float32),
@@ -229,6 +298,21 @@ def fit_probes(
     return probes
 
 
+def choose_solver(features, settings: ProbeSettings) -> str:
+    """The solver for these training features, "lbfgs" or "sgd": an array is in memory;
+    stored features are too large for it (see `evaluate_features`) and only SGD streams."""
+    stored = isinstance(features, StoredFeatures)
+    if settings.solver == "lbfgs" and stored:
+        raise ValueError(
+            f"probe.solver='lbfgs' needs the features in memory, 4 copies of all splits, but "
+            f"they may use {features.max_bytes / 2**20:.0f} MiB: raise host_memory_mb or use "
+            "probe.solver='sgd'"
+        )
+    if settings.solver != "auto":
+        return settings.solver
+    return "sgd" if stored or features.size > settings.full_batch_max else "lbfgs"
+
+
 def fit_probe(
     train: tuple[np.ndarray, np.ndarray],
     val: tuple[np.ndarray, np.ndarray],
@@ -243,9 +327,7 @@ def fit_probe(
     labels = np.concatenate([np.asarray(train[1]), np.asarray(val[1])])
     num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
     l2s = sorted(settings.l2_grid, reverse=True)
-    sgd = settings.solver == "sgd" or (
-        settings.solver == "auto" and np.asarray(train[0]).size > settings.full_batch_max
-    )
+    sgd = choose_solver(train[0], settings) == "sgd"
     rates = settings.sgd_learning_rates if sgd else (None,)
     best, best_acc, grid = None, -1.0, {}
     for rate in rates:
@@ -274,23 +356,54 @@ def subsample_per_class(labels: np.ndarray, per_class: int, seed: int = 0) -> np
 
 
 def pixel_features(
-    spec: str, image_size: int, center_crop: bool = False
-) -> tuple[np.ndarray, np.ndarray]:
-    """Raw pixels of a split as features: each image resized to `image_size` (bilinear, as
-    the tokenizer does), scaled to [-1, 1] and flattened; with the labels. A split of grey
-    images (R = G = B everywhere) keeps one channel: its three copies add nothing."""
+    spec: str,
+    image_size: int,
+    features_dir: str | Path,
+    center_crop: bool = False,
+    max_bytes: int = 1 << 30,
+) -> tuple[StoredFeatures, np.ndarray]:
+    """Raw pixels of a split as features, with the labels: each image resized to
+    `image_size` (bilinear, as the tokenizer does), scaled to [-1, 1] and flattened, kept in
+    a FeatureStore under `features_dir/pixels` like model features (written once, read in
+    blocks of at most `max_bytes`). A split of grey images (R = G = B everywhere) is read as
+    one channel: its three copies add nothing."""
+    name = store_name(spec, image_size, center_crop)
+    store = FeatureStore(Path(features_dir) / "pixels" / name)
+    if PIXELS not in store.names():
+        _write_pixels(store, spec, image_size, center_crop)
+    features = store.features(PIXELS, max_bytes)
+    if all(_grey(block) for block in features.blocks()):
+        features = store.features(PIXELS, max_bytes, columns=slice(0, None, 3))
+    return features, store.labels()
+
+
+def _grey(block: np.ndarray) -> bool:
+    """Whether every flattened (H, W, 3) row of `block` has R = G = B."""
+    return np.array_equal(block[:, 0::3], block[:, 1::3]) and np.array_equal(
+        block[:, 0::3], block[:, 2::3]
+    )
+
+
+def _write_pixels(store: FeatureStore, spec: str, image_size: int, center_crop: bool) -> None:
+    """Fill `store` with the pixels of split `spec`; each process resizes the examples p,
+    p + P, ... (as in evaluation), a batch at a time."""
     source = data_lib.open_source(spec)
-    records = [source[i] for i in range(len(source))]
-    images = [to_rgb(r["image"]) for r in records]
-    if center_crop:
-        images = [central_square(image) for image in images]
-    images = np.stack([resize(image, image_size) for image in images])
-    labels = np.asarray([r["label"] for r in records], np.int32)
-    if np.array_equal(images[..., 0], images[..., 1]) and np.array_equal(
-        images[..., 0], images[..., 2]
-    ):
-        images = images[..., :1]
-    return pixel_values(images).reshape(len(images), -1), labels
+    mine = np.arange(jax.process_index(), len(source), jax.process_count())
+    num_batches = math.ceil(math.ceil(len(source) / jax.process_count()) / _PIXEL_BATCH)
+
+    def produce(start: int):
+        for first in range(start * _PIXEL_BATCH, len(mine), _PIXEL_BATCH):
+            index = mine[first : first + _PIXEL_BATCH]
+            records = [source[int(i)] for i in index]
+            images = [to_rgb(r["image"]) for r in records]
+            if center_crop:
+                images = [central_square(image) for image in images]
+            images = np.stack([resize(image, image_size) for image in images])
+            labels = np.asarray([r["label"] for r in records], np.int32)
+            yield index, labels, {PIXELS: pixel_values(images).reshape(len(index), -1)}
+
+    dims = {PIXELS: image_size * image_size * 3}
+    store.fill(dims, len(source), num_batches, produce, desc=f"pixels of {spec}")
 
 
 def evaluate_features(
@@ -311,9 +424,15 @@ def evaluate_features(
     would double the labels).
     """
     num_classes = int(max(train[1].max(), val[1].max(), test[1].max())) + 1
+    # One memory decision for the whole protocol: stored features are read into memory
+    # once if 4 copies of all splits fit their bound (the splits, and the refit's train+val,
+    # standardised, and on the device for the full-batch solver), else every fit and
+    # evaluation streams them block by block.
+    features = in_memory([train[0], val[0], test[0]], copies=4)
+    train, val, test = [(x, s[1]) for x, s in zip(features, (train, val, test), strict=True)]
     if not labels_per_class:
         probe, grid = fit_probe(train, val, settings, num_classes)
-        both = (np.concatenate([train[0], val[0]]), np.concatenate([train[1], val[1]]))
+        both = (concatenate([train[0], val[0]], axis=0), np.concatenate([train[1], val[1]]))
         (refit,) = fit_probes(both, [probe.l2], settings, num_classes, probe.learning_rate)
         return {
             "train_acc": probe.accuracy(*train),
@@ -351,15 +470,20 @@ def pixel_baseline(
     val: str,
     test: str,
     image_size: int,
+    features_dir: str | Path,
     settings: ProbeSettings = ProbeSettings(),
     labels_per_class: int = 0,
     num_subsets: int = 5,
     center_crop: bool = False,
+    max_bytes: int = 1 << 30,
 ) -> dict:
     """The same protocol (`evaluate_features`) on standardised raw pixels instead of model
     features: the accuracy a representation has to beat. Takes split specs (e.g.
-    "digits:test")."""
-    splits = [pixel_features(spec, image_size, center_crop) for spec in (train, val, test)]
+    "digits:test"); the pixels are kept in `features_dir` (see `pixel_features`)."""
+    splits = [
+        pixel_features(spec, image_size, features_dir, center_crop, max_bytes)
+        for spec in (train, val, test)
+    ]
     result = evaluate_features(*splits, settings, labels_per_class, num_subsets)
     return {"image_size": image_size} | result
 
@@ -379,18 +503,20 @@ def run_probe(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if not config.init_from:
         raise ValueError("no model to probe: set --config.init_from=DIR")
     workdir = Path(workdir).absolute()
-    cache = Path(config.features_dir or workdir / "features").absolute()
-    with DirectoryLock(workdir, "probe workdir"), DirectoryLock(cache, "feature cache"):
-        return _sweep(config, workdir, cache)
+    features_dir = Path(config.features_dir or workdir / "features").absolute()
+    with DirectoryLock(workdir, "probe workdir"), DirectoryLock(features_dir, "features dir"):
+        return _sweep(config, workdir, features_dir)
 
 
-def _sweep(config: ml_collections.ConfigDict, workdir: Path, cache: Path) -> dict:
+def _sweep(config: ml_collections.ConfigDict, workdir: Path, features_dir: Path) -> dict:
     settings = settings_from_config(config.probe)
+    max_bytes = int(config.host_memory_mb * 2**20)
     extractor = FeatureExtractor(
         config.init_from,
+        features_dir=features_dir,
         batch_size=config.batch_size,
         mesh_shape=config.mesh_shape,
-        cache_dir=cache,
+        max_bytes=max_bytes,
         palette=config.data.palette,
         center_crop=config.data.center_crop,
     )
@@ -404,7 +530,7 @@ def _sweep(config: ml_collections.ConfigDict, workdir: Path, cache: Path) -> dic
 
     def features(layer_set):
         return [
-            (np.concatenate([splits[n][0][k] for k in layer_set], axis=1), splits[n][1])
+            (concatenate([splits[n][0][k] for k in layer_set], axis=1), splits[n][1])
             for n in ("train", "val", "test")
         ]
 
@@ -455,10 +581,12 @@ def _sweep(config: ml_collections.ConfigDict, workdir: Path, cache: Path) -> dic
                 specs["val"],
                 specs["test"],
                 size,
+                features_dir,
                 settings,
                 low_data,
                 config.num_subsets,
                 config.data.center_crop,
+                max_bytes,
             )
             for size in sizes
         }

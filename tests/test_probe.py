@@ -29,12 +29,16 @@ TINY = igpt.ModelConfig(n_embd=32, n_layer=3, n_head=2, n_positions=64, vocab_si
 
 
 @pytest.fixture(scope="module")
-def digits_pixels():
-    return {
-        name: pixel_features(spec, 8)
-        for name, spec in [("train", "digits:train[:1100]"), ("val", "digits:train[1100:]"),
-                           ("test", "digits:test")]
-    }  # fmt: skip
+def digits_pixels(tmp_path_factory):
+    """The digits splits' 8x8 pixels, read into memory."""
+    directory = tmp_path_factory.mktemp("pixels")
+    splits = {}
+    for name, spec in [("train", "digits:train[:1100]"), ("val", "digits:train[1100:]"),
+                       ("test", "digits:test")]:  # fmt: skip
+        features, labels = pixel_features(spec, 8, directory)
+        assert features.shape == (len(labels), 64)  # grey: one channel of three
+        splits[name] = features[:], labels
+    return splits
 
 
 def _hand_features(config, params, palette, spec):
@@ -55,9 +59,9 @@ def _hand_features(config, params, palette, spec):
     return features, np.asarray([source[i]["label"] for i in range(len(source))])
 
 
-def test_features_equal_a_hand_computation_and_come_back_from_the_cache(digits_model_dir, tmp_path):
+def test_features_equal_a_hand_computation_and_come_back_from_the_store(digits_model_dir, tmp_path):
     spec = "digits:test[:50]"  # 50 examples in batches of 32: the 14 padding rows are dropped
-    extractor = FeatureExtractor(digits_model_dir, batch_size=32, cache_dir=tmp_path)
+    extractor = FeatureExtractor(digits_model_dir, batch_size=32, features_dir=tmp_path)
     features, labels = extractor.features(spec)
     model = igpt.load_model(digits_model_dir)
     config, params, palette = model.config, dict(model.params), model.palette
@@ -66,31 +70,32 @@ def test_features_equal_a_hand_computation_and_come_back_from_the_cache(digits_m
     np.testing.assert_array_equal(labels, expected_labels)
     for layer, x in features.items():
         assert x.shape == (50, TINY.n_embd)
-        np.testing.assert_allclose(x, expected[layer], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(x[:], expected[layer], rtol=1e-4, atol=1e-5)
 
-    # A new extractor on the same checkpoint reads the cache instead of running the model...
-    again = FeatureExtractor(digits_model_dir, batch_size=32, cache_dir=tmp_path)
-    again.extract = None  # calling it would fail
-    cached, cached_labels = again.features(spec, [1, 3])
-    np.testing.assert_array_equal(cached[3], features[3])
-    np.testing.assert_array_equal(cached_labels, labels)
-    # ...while other splits, and other checkpoints, get their own files.
-    assert again.cache_path("digits:test[50:]") != again.cache_path(spec)
+    # A new extractor on the same checkpoint reads the store instead of running the model...
+    again = FeatureExtractor(digits_model_dir, batch_size=32, features_dir=tmp_path)
+    again._extract = None  # calling it would fail
+    stored, stored_labels = again.features(spec, [1, 3])
+    np.testing.assert_array_equal(stored[3][:], features[3][:])
+    np.testing.assert_array_equal(stored_labels, labels)
+    # ...while other splits, and other checkpoints, get their own stores.
+    directory = again.store(spec).directory
+    assert again.store("digits:test[50:]").directory != directory
     params["wte"]["embedding"] = params["wte"]["embedding"] + 1.0
     other = igpt.save_model(tmp_path / "other", config, params, palette)
-    assert FeatureExtractor(other, cache_dir=tmp_path).cache_path(spec) != again.cache_path(spec)
+    assert FeatureExtractor(other, features_dir=tmp_path).store(spec).directory != directory
 
 
 def test_bad_layers_and_checkpoints_are_one_line_errors(digits_model_dir, tmp_path):
-    extractor = FeatureExtractor(digits_model_dir)
+    extractor = FeatureExtractor(digits_model_dir, features_dir=tmp_path)
     with pytest.raises(ValueError, match=r"layer 4 is out of range .* valid layers are 0\.\.3"):
         extractor.features("digits:test[:8]", [1, 4])
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        FeatureExtractor(tmp_path / "no_such_model")
+        FeatureExtractor(tmp_path / "no_such_model", features_dir=tmp_path)
     model = igpt.load_model(digits_model_dir)
     bare = igpt.save_model(tmp_path / "bare", model.config, model.params)  # no palette.npy
     with pytest.raises(ValueError, match="has no colour palette"):
-        FeatureExtractor(bare)
+        FeatureExtractor(bare, features_dir=tmp_path)
 
 
 @pytest.mark.parametrize("c", [0.1, 3.0])
@@ -193,7 +198,49 @@ def test_probe_cli_sweeps_layers_and_writes_json_and_plot(digits_model_dir, tmp_
         assert image.size == (800, 500)
         colours = {c for _, c in image.convert("RGB").getcolors(1 << 20)}
     assert set(COLOURS[:2]) <= colours  # the validation and test lines were drawn
-    assert len(list((out / "features").glob("*.npz"))) == 3
+    # A store per split, of the model's features and of the pixels at each size.
+    assert len(list((out / "features").glob("*/store.json"))) == 3
+    assert len(list((out / "features/pixels").glob("*/store.json"))) == 6
+
+
+def test_two_processes_write_the_stores_one_process_would(digits_model_dir, tmp_path):
+    """Each process extracts and writes its own examples (the strided shard of evaluation)
+    into the shared stores; the rows land in the split's order and the probes agree."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    overrides = {"init_from": digits_model_dir, "data.train": "digits:train[:301]",
+                 "data.val": "digits:train[1100:1201]", "data.test": "digits:test[:101]",
+                 "batch_size": 32, "probe.l2_grid": "(1e-2,)", "layers": "(2,)"}  # fmt: skip
+    command = [sys.executable, str(ROOT / "scripts/probe.py"), "--config=configs/probe.py",
+               f"--workdir={tmp_path / 'two'}", *flags(overrides)]  # fmt: skip
+    env = {"IGPT_COORDINATOR": f"127.0.0.1:{port}", "IGPT_NUM_PROCESSES": "2"}
+    procs = [
+        subprocess.Popen(command, cwd=ROOT, env=os.environ | env | {"IGPT_PROCESS_ID": str(i)},
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i in range(2)
+    ]  # fmt: skip
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs[0][-2000:] + outputs[1][-2000:]
+
+    one = FeatureExtractor(digits_model_dir, batch_size=32, features_dir=tmp_path / "one")
+    two = tmp_path / "two/features"
+    for spec in ("digits:train[:301]", "digits:test[:101]"):  # odd sizes: uneven shards
+        features, labels = one.features(spec, [2])
+        name = one.store(spec).directory.name
+        np.testing.assert_array_equal(np.load(two / name / "labels.npy"), labels)
+        np.testing.assert_allclose(np.load(two / name / "layer_2.npy"), features[2][:], atol=1e-5)
+        pixels = np.load(two / "pixels" / name.rsplit("_", 1)[0] / "pixels.npy")
+        np.testing.assert_array_equal(pixels[:, ::3], pixel_features(spec, 8, tmp_path)[0][:])
+    report = json.loads((tmp_path / "two/probe.json").read_text())
+    assert report["num_train"] == 301 and report["layers"][0]["layer"] == 2
 
 
 def test_refit_folds_validation_back_into_training(digits_pixels):

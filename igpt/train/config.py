@@ -150,7 +150,10 @@ def probe_defaults() -> ml_collections.ConfigDict:
 
     c.batch_size = 128  # global batch of the feature extraction forward passes
     c.mesh_shape = (-1, 1, 1)  # devices along (data, fsdp, tensor), as in training
-    c.features_dir = ""  # feature cache ("" = WORKDIR/features); reused across runs
+    c.features_dir = ""  # feature stores ("" = WORKDIR/features); reused across runs
+    # Host memory the probes' features may take: splits whose features fit (4 copies) are
+    # read into memory, larger ones are streamed from their stores and fitted by SGD.
+    c.host_memory_mb = 4096
 
     c.probe = ml_collections.ConfigDict()
     # L2 strengths on the mean loss (scikit-learn's C = 1 / (l2 * num_train)); best on val
