@@ -1,13 +1,18 @@
 """Throughput benchmark: forward, train step, KV-cache sampling and tokenization, optionally side
-by side with transformers' PyTorch ImageGPT (`benchmarks/hf.py`) in the same process.
+by side with transformers' PyTorch ImageGPT (`benchmarks/hf.py`) in the same process, and the
+training loop as a whole against its bare step.
 
     python -m benchmarks --preset tiny --mode sample,train --vs-hf
     python -m benchmarks --preset s --batch 2 --mode train --vs-hf --repeats 2
     python -m benchmarks --d 128 --layers 4 --heads 4 --side 16 --mode sample --vs-hf
+    python -m benchmarks --d 128 --layers 4 --heads 4 --side 14 --batch 64 --mode loop
+    python -m benchmarks --mode train,sample --vs-hf --dtype bfloat16
 
 Every measurement reports tokens/s (images/s for tokenize) and, for the model modes, the
 achieved FLOP/s from `igpt.flops.forward_flops` and its fraction of the matmul peak measured in
-this run. It prints one JSON line per measurement, then a table.
+this run; sampling also reports the memory-bandwidth limit of this machine (the measured read
+bandwidth over the bytes a decode step must read) and its fraction. It prints one JSON line
+per measurement, then a table.
 Compile or first-call time is reported apart from the steady state. When both implementations
 run, their timed calls alternate, so a change in machine load hits both alike.
 """
@@ -22,6 +27,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -30,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from igpt import data as data_lib
 from igpt.config import ModelConfig
 from igpt.flops import forward_flops, measure_matmul_peak
 from igpt.losses import next_token_loss
@@ -60,6 +67,16 @@ def measure_bandwidth(mbytes: int = 256, repeats: int = 5) -> float:
     total(x).block_until_ready()
     best = min(_timed(lambda: total(x).block_until_ready()) for _ in range(repeats))
     return x.nbytes / best
+
+
+def sample_bytes_per_step(config: ModelConfig, batch: int, tokens: int) -> float:
+    """Bytes one decode step of `batch` sequences must read at least, on average over samples
+    of `tokens` tokens: every weight once, in the compute dtype (of the embedding tables only
+    one row each), and each sequence's keys and values of the positions before it."""
+    shapes = {k: v for k, v in param_shapes(config).items() if k not in ("wte", "wpe")}
+    cache = 2 * config.n_layer * config.n_embd * (tokens + 1) / 2
+    itemsize = jnp.dtype(config.compute_dtype).itemsize
+    return itemsize * (count_params(shapes) + batch * cache)
 
 
 def _timed(fn) -> float:
@@ -147,6 +164,58 @@ def igpt_tokenize(palette: np.ndarray, images: np.ndarray) -> Case:
     return Case("igpt", lambda: tokenizer.encode(images), len(images))
 
 
+def loop_records(config: ModelConfig, batch: int, steps: int, workdir: str) -> list[dict]:
+    """igpt's training loop as `scripts/train.py` runs it (`igpt.train.loop.train`: the data
+    pipeline on the embedded digits resized to the model's side, metrics every quarter of the
+    run, checkpoints every quarter) against its own compiled step alone, on one batch already
+    on the device, for as many steps. The loop's figure is its logged tokens/s over the last
+    three quarters (the first holds the compilation)."""
+    import ml_collections
+
+    from igpt.sharding import global_batch
+    from igpt.train import loop
+    from igpt.train.config import pretrain_defaults
+    from igpt.train.metrics import METRICS_FILE
+    from igpt.train.step import make_train_step
+
+    cfg = pretrain_defaults()
+    fields = config.to_dict() | {"n_inner": config.mlp_dim}
+    cfg.model = ml_collections.ConfigDict(fields)
+    palette = os.path.join(workdir, "palette.npy")
+    rng = np.random.default_rng(0)
+    np.save(palette, rng.uniform(-1, 1, (config.palette_size, 3)).astype(np.float32))
+    cfg.data.update(train="digits:train", val="", image_size=config.image_side, palette=palette)
+    quarter = max(steps // 4, 1)
+    cfg.update(batch_size=batch, num_steps=4 * quarter, log_every=quarter)
+    cfg.update(checkpoint_every=quarter, keep_checkpoints=1)
+    with loop.setup(cfg, os.path.join(workdir, "run")) as run:
+        loop.train(run)
+        lines = open(os.path.join(run.workdir, METRICS_FILE)).read().splitlines()
+        logged = [json.loads(line) for line in lines]
+        loop_s = sum(quarter * batch * config.n_positions / r["tokens_per_s"] for r in logged[1:])
+        step = make_train_step(run.model_config, run.tx, run.schedule, run.mesh, rules=run.rules)
+        iterator = data_lib.make_train_iterator(
+            run.train_source, run.tokenizer, global_batch_size=batch,
+            image_size=config.image_side, seed=0,
+        )  # fmt: skip
+        fixed = global_batch(next(iterator), run.mesh)
+        state = [loop.initial_state(run)]
+
+        def bare():
+            for _ in range(3 * quarter):
+                state[0], metrics = step(state[0], fixed)
+            jax.block_until_ready(metrics)
+
+        bare()  # compiles
+        bare_s = _timed(bare)
+    tokens = 3 * quarter * batch * config.n_positions
+    flops = 3 * quarter * 3 * batch * forward_flops(config, config.n_positions)
+    return [
+        dict(impl="igpt loop", per_s=_sig(tokens / loop_s), best_s=_sig(loop_s), flops=flops),
+        dict(impl="igpt step", per_s=_sig(tokens / bare_s), best_s=_sig(bare_s), flops=flops),
+    ]
+
+
 # ---------------------------------------------------------------------------------------------
 # Running and reporting
 
@@ -206,15 +275,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--mode",
         default="forward,train,sample,tokenize",
-        help="comma-separated: forward, train, sample, tokenize",
+        help="comma-separated: forward, train, sample, tokenize, loop",
     )
     parser.add_argument("--preset", default="tiny", help="ModelConfig preset (default tiny)")
     parser.add_argument("--d", type=int, help="override n_embd")
     parser.add_argument("--layers", type=int, help="override n_layer")
     parser.add_argument("--heads", type=int, help="override n_head")
     parser.add_argument("--side", type=int, help="override the image side (n_positions=side^2)")
-    parser.add_argument("--batch", type=int, default=8, help="forward/train batch")
-    parser.add_argument("--sample-batch", type=int, default=8, help="the batch-N sample case")
+    parser.add_argument("--batch", type=int, default=8, help="forward/train/loop batch")
+    parser.add_argument(
+        "--sample-batch", default="1,4,16", help="comma-separated sample batches (1,4,16)"
+    )
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="compute dtype of both implementations (float32 parameters; torch autocast)",
+    )
+    parser.add_argument("--loop-steps", type=int, default=200, help="steps of the loop mode")
     parser.add_argument("--sample-tokens", type=int, help="tokens per sample (default: all)")
     parser.add_argument("--top-k", type=int, default=64, help="top-k of both samplers")
     parser.add_argument("--images", type=int, default=512, help="images per tokenize call")
@@ -224,16 +302,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--json", help="also append the JSON lines to this file")
     args = parser.parse_args(argv)
     modes = [m.strip() for m in args.mode.split(",") if m.strip()]
-    unknown = sorted(set(modes) - {"forward", "train", "sample", "tokenize"})
+    unknown = sorted(set(modes) - {"forward", "train", "sample", "tokenize", "loop"})
     if unknown:
-        parser.error(f"unknown --mode {unknown}; choose from forward, train, sample, tokenize")
+        parser.error(
+            f"unknown --mode {unknown}; choose from forward, train, sample, tokenize, loop"
+        )
     args.modes = modes
+    try:
+        args.sample_batches = sorted({int(b) for b in args.sample_batch.split(",")})
+    except ValueError:
+        parser.error(f"--sample-batch={args.sample_batch!r}: give batches like 1,4,16")
     return args
 
 
 def config_from_args(args: argparse.Namespace) -> ModelConfig:
     """The preset with any explicit size overrides."""
-    overrides = {}
+    overrides = {"dtype": args.dtype}
     for flag, field in (("d", "n_embd"), ("layers", "n_layer"), ("heads", "n_head")):
         if getattr(args, flag) is not None:
             overrides[field] = getattr(args, flag)
@@ -277,23 +361,36 @@ def run(args: argparse.Namespace, emit: Callable[[dict], None]) -> list[dict]:
                 cases.append(hf.train_case(config, params, args.batch))
             plans.append((mode, args.batch, cases))
         elif mode == "sample":
-            for batch in sorted({1, args.sample_batch}):
+            for batch in args.sample_batches:
                 cases = [igpt_sample(config, params, batch, tokens, args.top_k)]
                 if args.vs_hf:
                     cases.append(hf.sample_case(config, params, batch, tokens, args.top_k))
                 plans.append((mode, batch, cases))
+        elif mode == "loop":
+            plans.append((mode, args.batch, []))
         else:
             cases = [igpt_tokenize(palette, pixels)]
             if args.vs_hf:
                 cases.append(hf.tokenize_case(palette, pixels))
             plans.append((mode, len(pixels), cases))
 
+    bandwidth = records[0]["read_bandwidth_gbs"] * 1e9
     for mode, batch, cases in plans:
-        results = time_cases(cases, args.repeats)
+        if mode == "loop":
+            with tempfile.TemporaryDirectory() as workdir:
+                results = loop_records(config, batch, args.loop_steps, workdir)
+        else:
+            results = time_cases(cases, args.repeats)
         for result in results:
-            record = dict(mode=mode, batch=batch, **shape, **result)
+            record = dict(mode=mode, batch=batch, **shape, dtype=args.dtype, **result)
+            if record["flops"] and "flops_per_s" not in record:
+                record["flops_per_s"] = round(record["flops"] / record["best_s"])
             if mode == "sample":
                 record["tokens"] = tokens
+                step_bytes = sample_bytes_per_step(config, batch, tokens)
+                record["bytes_per_step"] = round(step_bytes)
+                record["limit_per_s"] = _sig(batch * bandwidth / step_bytes)
+                record["fraction_of_limit"] = round(record["per_s"] / record["limit_per_s"], 3)
             if record["flops_per_s"]:
                 record["fraction_of_peak"] = round(record["flops_per_s"] / peak, 3)
             records.append(record)
@@ -302,7 +399,7 @@ def run(args: argparse.Namespace, emit: Callable[[dict], None]) -> list[dict]:
             ratio = dict(
                 mode=mode,
                 batch=batch,
-                impl="igpt/transformers",
+                impl="loop/step" if mode == "loop" else "igpt/transformers",
                 ratio=_sig(results[0]["per_s"] / results[1]["per_s"]),
             )
             records.append(ratio)
@@ -318,19 +415,23 @@ def format_table(records: list[dict]) -> str:
         f"{machine['matmul_peak_gflops']} GFLOP/s, read bandwidth {machine['read_bandwidth_gbs']}"
         f" GB/s, load average {machine['loadavg_1min']}",
         f"{'mode':9} {'batch':>5} {'impl':18} {'per s':>12} {'GFLOP/s':>8} {'% peak':>7} "
-        f"{'best s':>8} {'warm-up s':>9} {'ratio':>6}",
+        f"{'best s':>8} {'warm-up s':>9} {'ratio':>6} {'limit/s':>9} {'% limit':>7}",
     ]
     for r in records[1:]:
-        if r["impl"] == "igpt/transformers":
+        if "ratio" in r:
             ratio = f"{r['ratio']:.2f}"
             lines.append(f"{r['mode']:9} {r['batch']:>5} {r['impl']:18} {'':>47} {ratio:>6}")
             continue
         unit = "img" if r["mode"] == "tokenize" else "tok"
         gflops = f"{r['flops_per_s'] / 1e9:.1f}" if r["flops_per_s"] else "-"
         peak = f"{100 * r['fraction_of_peak']:.1f}" if "fraction_of_peak" in r else "-"
+        warmup = f"{r['warmup_s']:>9.2f}" if "warmup_s" in r else f"{'-':>9}"
+        limit = ""
+        if "limit_per_s" in r:
+            limit = f" {'':>6} {r['limit_per_s']:>9.1f} {100 * r['fraction_of_limit']:>7.1f}"
         lines.append(
             f"{r['mode']:9} {r['batch']:>5} {r['impl']:18} {r['per_s']:>8.1f} {unit}"
-            f" {gflops:>8} {peak:>7} {r['best_s']:>8.3f} {r['warmup_s']:>9.2f}"
+            f" {gflops:>8} {peak:>7} {r['best_s']:>8.3f} {warmup}{limit}"
         )
     return "\n".join(lines)
 

@@ -32,13 +32,19 @@ def hf_model(config: ModelConfig, params: dict) -> ImageGPTForCausalImageModelin
     return model.eval()
 
 
+def _autocast(config: ModelConfig):
+    """bfloat16 compute under torch's CPU autocast when igpt computes in bfloat16 (float32
+    weights on both sides); a no-op for float32."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.dtype == "bfloat16")
+
+
 def forward_case(config: ModelConfig, params: dict, batch: int) -> Case:
     """Forward pass to logits under `torch.inference_mode`."""
     model = hf_model(config, params)
     ids = torch.from_numpy(random_ids(config, batch)).long()
 
     def run():
-        with torch.inference_mode():
+        with torch.inference_mode(), _autocast(config):
             return model(ids).logits
 
     flops = batch * forward_flops(config, config.n_positions)
@@ -54,7 +60,8 @@ def train_case(config: ModelConfig, params: dict, batch: int) -> Case:
     ids = torch.from_numpy(random_ids(config, batch)).long()
 
     def run():
-        loss = model(ids, labels=ids).loss
+        with _autocast(config):
+            loss = model(ids, labels=ids).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -71,7 +78,7 @@ def sample_case(config: ModelConfig, params: dict, batch: int, tokens: int, top_
     sos = torch.full((batch, 1), config.sos_id, dtype=torch.long)
 
     def run():
-        with torch.inference_mode():
+        with torch.inference_mode(), _autocast(config):
             # An explicit mask: without one, generate guesses padding from the token ids.
             return model.generate(
                 sos,

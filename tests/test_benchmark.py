@@ -12,7 +12,7 @@ from benchmarks import bench as benchmark
 from igpt.flops import forward_flops
 
 TINY_ARGS = ["--d", "32", "--layers", "1", "--heads", "2", "--side", "4", "--batch", "2"]
-TINY_ARGS += ["--sample-batch", "3", "--images", "8", "--repeats", "1"]
+TINY_ARGS += ["--sample-batch", "1,3", "--images", "8", "--repeats", "1"]
 
 
 def _records(capsys, argv):
@@ -66,6 +66,35 @@ def test_harness_reports_every_mode(capsys, tmp_path, vs_hf):
         )
         assert ratio["ratio"] == pytest.approx(mine["per_s"] / theirs["per_s"], rel=1e-4)
     assert "matmul peak" in table and "sample" in table
+
+    # Sampling against this machine's bandwidth: a step reads the weights once and each
+    # sequence's cache of the positions before it (2 x layers x d float32 per position, 8.5
+    # positions on average over 16 tokens), so two more sequences add 2 x 2 x 32 x 4 x 8.5.
+    samples = {r["batch"]: r for r in cases if r["mode"] == "sample" and r["impl"] == "igpt"}
+    assert samples[3]["bytes_per_step"] - samples[1]["bytes_per_step"] == 2 * 2 * 32 * 4 * 8.5
+    bandwidth = machine["read_bandwidth_gbs"] * 1e9
+    for batch, r in samples.items():
+        assert r["limit_per_s"] == pytest.approx(batch * bandwidth / r["bytes_per_step"], 1e-4)
+        assert r["fraction_of_limit"] == pytest.approx(r["per_s"] / r["limit_per_s"], abs=2e-3)
+
+
+def test_loop_mode_times_the_training_loop_against_its_bare_step(capsys):
+    argv = TINY_ARGS + ["--mode", "loop", "--loop-steps", "8"]
+    records, table = _records(capsys, argv)
+    loop, step, ratio = records[1:]
+    assert (loop["impl"], step["impl"], ratio["impl"]) == ("igpt loop", "igpt step", "loop/step")
+    # The last three quarters of 8 steps: 6 steps of 2 sequences of 16 tokens.
+    for r in (loop, step):
+        assert r["per_s"] == pytest.approx(6 * 2 * 16 / r["best_s"], rel=1e-4)
+    assert ratio["ratio"] == pytest.approx(loop["per_s"] / step["per_s"], rel=1e-4)
+    assert "loop/step" in table
+
+
+def test_bfloat16_runs_on_both_sides(capsys):
+    argv = TINY_ARGS + ["--mode", "train", "--vs-hf", "--dtype", "bfloat16"]
+    records, _ = _records(capsys, argv)
+    assert {r["dtype"] for r in records[1:] if "dtype" in r} == {"bfloat16"}
+    assert all(r["per_s"] > 0 for r in records[1:] if "per_s" in r)
 
 
 def test_flop_count_matches_the_model_shapes():
