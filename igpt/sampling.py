@@ -108,18 +108,6 @@ def _choose(logits_BxV, uniform_B, temperature, top_p, *, greedy: bool, top_k, u
     return draw(logits, uniform_B)
 
 
-def matmul_weights_in_compute_dtype(params: dict, config: ModelConfig) -> dict:
-    """`params` with the dense layers' kernels and biases in the compute dtype, which those
-    layers cast them to anyway (the same values). Done once before a decoding loop: XLA does
-    not hoist the casts out of it, so bfloat16 decoding would otherwise read float32 weights,
-    twice the bytes, and convert them again at every token."""
-
-    def cast(path, leaf):
-        return leaf.astype(config.compute_dtype) if path[-1].key in ("kernel", "bias") else leaf
-
-    return jax.tree_util.tree_map_with_path(cast, params)
-
-
 @functools.lru_cache(maxsize=32)
 def _compiled_sampler(
     config: ModelConfig,
@@ -138,9 +126,8 @@ def _compiled_sampler(
         # randomness does not depend on how long the prompt was.
         uniform_NxB = jax.random.uniform(rng, (length, batch))
 
-        # Cast and sliced once here, outside the loop: each layer's weights and cache are
-        # separate buffers that every step reads (and updates) in place.
-        params = matmul_weights_in_compute_dtype(params, config)
+        # Sliced once here, outside the loop: each layer's weights and cache are separate
+        # buffers that every step reads (and updates) in place.
         layers = split_layers(params["h"], config.n_layer)
         caches = split_layers(init_cache(config, batch, length)["h"], config.n_layer)
         step = functools.partial(decode_step, config, params, layers)
