@@ -289,12 +289,16 @@ class FeatureStore:
         _barrier(f"igpt-store-done-{self.directory}")
 
     def _begin(self, key: dict) -> None:
-        """Resume the pass `key` if it is the one in progress, else set its files up."""
-        if self._read_json(PASS_JSON) == key:
+        """Resume the pass `key` if it is the one in progress, else set its files up (and
+        drop the half-written files of a different pass that was killed)."""
+        previous = self._read_json(PASS_JSON)
+        if previous == key:
             return
         self.directory.mkdir(parents=True, exist_ok=True)
         for stale in self.directory.glob("progress-*.json"):
             stale.unlink()
+        for name in set((previous or {"features": {}})["features"]) - self.names():
+            (self.directory / f"{name}.npy").unlink(missing_ok=True)
         n = key["num_examples"]
         labels = self.directory / f"{LABELS}.npy"
         if not labels.exists() or open_npy(labels).rows != n:

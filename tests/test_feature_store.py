@@ -100,6 +100,7 @@ def test_a_killed_pass_resumes_from_its_last_durable_batch(tmp_path):
     batches, starts = _producer({"y": truth["y"]}, labels, batch)
     store.fill({"y": 2}, n, 7, batches, sync_seconds=0)
     assert starts == [0] and store.names() == {"x", "y"}
+    assert not (tmp_path / "s/z.npy").exists()  # the abandoned pass's file is gone
     np.testing.assert_array_equal(store.features("y", 1 << 20)[:], truth["y"])
     np.testing.assert_array_equal(store.features("x", 1 << 20)[:], truth["x"])
 
