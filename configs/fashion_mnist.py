@@ -49,9 +49,11 @@ def pretrain_config(directory: str, objective: str) -> ml_collections.ConfigDict
     c.data.train, c.data.val = data["train"], data["val"]
     c.data.image_size = SIDE
     c.data.palette_pixels = 200_000
+    # All 4 blocks unrolled: about 30% faster on 2 CPU cores than the scan (bit-identical
+    # losses on the digits job; the Fashion-MNIST figures in the README were run with the scan).
     c.model = model_fields(
         "tiny", SIDE, vocab_size=PALETTE_SIZE + 1, n_embd=128, n_layer=4, n_head=4,
-        objective=objective,
+        objective=objective, scan_unroll=4,
     )  # fmt: skip
     c.batch_size = 64
     c.num_steps = 2_000  # 2.4 epochs, 50-55 minutes on 2 CPU cores

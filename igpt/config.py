@@ -53,6 +53,10 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype of matmuls and activations
     param_dtype: str = "float32"  # storage dtype of parameters
     remat: bool = False  # recompute each block's activations in the backward pass to save memory
+    # Blocks per iteration of the layer scan. 1 compiles one block however deep the model; more
+    # compile longer and let XLA fuse across blocks: on a 2-core CPU a 4-layer d=128 model
+    # trains 15-30% faster with all 4 unrolled, while S (24 layers) was 10% slower unrolled.
+    scan_unroll: int = 1
     # "xla": igpt's blockwise attention; "dot_product": jax.nn.dot_product_attention,
     # cuDNN's fused kernel on GPUs (no attention dropout or inverse-layer scaling there).
     attention: str = "xla"
@@ -87,6 +91,8 @@ class ModelConfig:
             problems.append(f"objective={self.objective!r} is not 'ar' or 'bert'")
         if not 0.0 < self.mask_prob < 1.0:
             problems.append(f"mask_prob={self.mask_prob} must be in (0, 1)")
+        if self.scan_unroll < 1:
+            problems.append(f"scan_unroll={self.scan_unroll} must be >= 1")
         if self.num_labels < 0:
             problems.append(f"num_labels={self.num_labels} must be >= 0")
         if problems:

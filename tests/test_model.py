@@ -146,16 +146,19 @@ def test_norm_gains_receive_gradients():
         assert np.all(np.abs(np.asarray(gain)).sum(-1) > 0)
 
 
-def test_remat_changes_neither_outputs_nor_gradients():
+@pytest.mark.parametrize("change", [{"remat": True}, {"scan_unroll": 2}, {"scan_unroll": 99}])
+def test_remat_and_unrolling_change_neither_outputs_nor_gradients(change):
     params = random_igpt_params(TINY)
     ids = _ids(TINY)
 
     def loss(config, p):
-        return next_token_loss(igpt.ImageGPT(config).apply({"params": p}, ids).logits, ids)
+        out = igpt.ImageGPT(config).apply({"params": p}, ids)
+        return next_token_loss(out.logits, ids) + 0.1 * jnp.mean(out.hidden_states[1] ** 2)
 
-    plain = jax.value_and_grad(lambda p: loss(TINY, p))(params)
-    remat = jax.value_and_grad(lambda p: loss(TINY.replace(remat=True), p))(params)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), plain, remat)
+    plain = jax.jit(jax.value_and_grad(lambda p: loss(TINY, p)))(params)
+    changed = jax.jit(jax.value_and_grad(lambda p: loss(TINY.replace(**change), p)))(params)
+    close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # noqa: E731
+    jax.tree.map(close, plain, changed)
 
 
 def test_bfloat16_compute_stays_close_to_float32():

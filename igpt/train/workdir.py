@@ -32,7 +32,7 @@ RESUMES_FILE = "resumes.jsonl"
 MAY_CHANGE = (
     "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "num_steps", "sample",
     "mesh_shape", "sharding_rules", "data.worker_count", "data.skip_corrupt", "finetune.patience",
-    "data.test", "model.remat", "model.attention",
+    "data.test", "model.remat", "model.attention", "model.scan_unroll",
 )  # fmt: skip
 
 
