@@ -190,7 +190,7 @@ def loop_records(config: ModelConfig, batch: int, steps: int, workdir: str) -> l
     cfg.update(checkpoint_every=quarter, keep_checkpoints=1)
     with loop.setup(cfg, os.path.join(workdir, "run")) as run:
         loop.train(run)
-        lines = open(os.path.join(run.workdir, METRICS_FILE)).read().splitlines()
+        lines = (run.workdir / METRICS_FILE).read_text().splitlines()
         logged = [json.loads(line) for line in lines]
         loop_s = sum(quarter * batch * config.n_positions / r["tokens_per_s"] for r in logged[1:])
         step = make_train_step(run.model_config, run.tx, run.schedule, run.mesh, rules=run.rules)
