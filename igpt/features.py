@@ -159,6 +159,7 @@ class FeatureExtractor:
         self.fingerprint = _fingerprint(config, params, palette)
         self.mesh = make_mesh(mesh_shape)
         self.params = place(params, param_shardings(config, self.mesh))
+        self._fns = {}  # layers -> compiled feature program, shared by all splits
 
     def store(self, spec: str) -> FeatureStore:
         """The store of split `spec` for this checkpoint (named by the checkpoint's
@@ -194,7 +195,9 @@ class FeatureExtractor:
             image_size=self.image_size,
             center_crop=self.center_crop,
         )
-        fn = make_feature_fn(self.config, layers, self.mesh)
+        if tuple(layers) not in self._fns:
+            self._fns[tuple(layers)] = make_feature_fn(self.config, layers, self.mesh)
+        fn = self._fns[tuple(layers)]
         out_spec = PartitionSpec(BATCH_AXES)
 
         def kept(local, result):  # this process's examples, padding dropped
