@@ -82,18 +82,13 @@ class _Array:
 
 
 def open_npy(path: Path, columns: slice = slice(None)) -> _Array:
-    """The stored 1-D or 2-D array at `path` (only its header is read)."""
-    with open(path, "rb") as f:
-        version = np.lib.format.read_magic(f)
-        read_header = {(1, 0): np.lib.format.read_array_header_1_0}.get(
-            version, np.lib.format.read_array_header_2_0
-        )
-        shape, fortran, dtype = read_header(f)
-        offset = f.tell()
-    if fortran or len(shape) not in (1, 2):
-        raise ValueError(f"{path}: expected a C-ordered 1-D or 2-D array, got shape {shape}")
-    width = shape[1] if len(shape) == 2 else 1
-    return _Array(path, offset, shape[0], width, np.dtype(dtype), columns)
+    """The stored 1-D or 2-D array at `path` (numpy reads its header; nothing is mapped in
+    until read, and igpt reads with positioned reads instead)."""
+    array = np.load(path, mmap_mode="r")
+    if not array.flags.c_contiguous or array.ndim not in (1, 2):
+        raise ValueError(f"{path}: expected a C-ordered 1-D or 2-D array, got {array.shape}")
+    width = array.shape[1] if array.ndim == 2 else 1
+    return _Array(path, array.offset, array.shape[0], width, array.dtype, columns)
 
 
 class StoredFeatures:
