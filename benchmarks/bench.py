@@ -294,6 +294,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--loop-steps", type=int, default=200, help="steps of the loop mode")
     parser.add_argument("--scan-unroll", type=int, default=1, help="igpt's model.scan_unroll")
+    parser.add_argument("--query-block", type=int, default=256, help="igpt's model.query_block")
     parser.add_argument("--sample-tokens", type=int, help="tokens per sample (default: all)")
     parser.add_argument("--top-k", type=int, default=64, help="top-k of both samplers")
     parser.add_argument("--images", type=int, default=512, help="images per tokenize call")
@@ -318,7 +319,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def config_from_args(args: argparse.Namespace) -> ModelConfig:
     """The preset with any explicit size overrides."""
-    overrides = {"dtype": args.dtype, "scan_unroll": args.scan_unroll}
+    overrides = dict(dtype=args.dtype, scan_unroll=args.scan_unroll, query_block=args.query_block)
     for flag, field in (("d", "n_embd"), ("layers", "n_layer"), ("heads", "n_head")):
         if getattr(args, flag) is not None:
             overrides[field] = getattr(args, flag)

@@ -43,6 +43,8 @@ def test_xl_preset_is_about_6_8_billion_parameters():
 def test_bad_config_errors_name_the_problem():
     with pytest.raises(ValueError, match="not divisible by n_head"):
         igpt.ModelConfig(n_embd=30, n_head=4)
+    with pytest.raises(ValueError, match="query_block=0 must be >= 1"):
+        igpt.ModelConfig(query_block=0)
     with pytest.raises(ValueError, match="Unknown preset 'huge'"):
         igpt.ModelConfig.preset("huge")
     with pytest.raises(ValueError, match=r"Unknown ModelConfig fields \['n_embed'\]"):
@@ -146,8 +148,18 @@ def test_norm_gains_receive_gradients():
         assert np.all(np.abs(np.asarray(gain)).sum(-1) > 0)
 
 
-@pytest.mark.parametrize("change", [{"remat": True}, {"scan_unroll": 2}, {"scan_unroll": 99}])
-def test_remat_and_unrolling_change_neither_outputs_nor_gradients(change):
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"remat": True},
+        {"scan_unroll": 2},
+        {"scan_unroll": 99},
+        {"query_block": 5},  # 8 blocks, the last one short
+        {"query_block": 5, "objective": "bert"},  # every block reads every key
+    ],
+)
+def test_speed_settings_change_neither_outputs_nor_gradients(change):
+    base = TINY.replace(objective=change.get("objective", "ar"))
     params = random_igpt_params(TINY)
     ids = _ids(TINY)
 
@@ -155,8 +167,8 @@ def test_remat_and_unrolling_change_neither_outputs_nor_gradients(change):
         out = igpt.ImageGPT(config).apply({"params": p}, ids)
         return next_token_loss(out.logits, ids) + 0.1 * jnp.mean(out.hidden_states[1] ** 2)
 
-    plain = jax.jit(jax.value_and_grad(lambda p: loss(TINY, p)))(params)
-    changed = jax.jit(jax.value_and_grad(lambda p: loss(TINY.replace(**change), p)))(params)
+    plain = jax.jit(jax.value_and_grad(lambda p: loss(base, p)))(params)
+    changed = jax.jit(jax.value_and_grad(lambda p: loss(base.replace(**change), p)))(params)
     close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # noqa: E731
     jax.tree.map(close, plain, changed)
 

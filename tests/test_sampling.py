@@ -14,7 +14,6 @@ from reference_models import random_hf_model, random_igpt_params
 
 import igpt
 from igpt import figures
-from igpt.model import QUERY_BLOCK
 from igpt.sampling import complete, draw, filter_logits, sample, sample_batched
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,12 +67,15 @@ def test_greedy_sampling_matches_transformers_full_forward(tmp_path):
     np.testing.assert_array_equal(got, _hf_greedy_by_full_forward(hf, prompt, 64))
 
 
-def test_long_image_forward_matches_transformers(tmp_path):
-    # Full-length logits past the first query block, where igpt skips masked key blocks.
-    n_positions = 2 * QUERY_BLOCK + 40
+@pytest.mark.parametrize("query_block", [256, 64, 48])
+def test_long_image_forward_matches_transformers(tmp_path, query_block):
+    # Full-length logits past the first query block, where igpt skips masked key blocks; 48
+    # does not divide the length, so the last block is short.
+    n_positions = 552 if query_block == 256 else 2 * query_block + 40
     hf = random_hf_model(seed=6, n_embd=32, n_layer=2, n_head=2, n_positions=n_positions)
     hf.save_pretrained(tmp_path)
     config, params, _ = igpt.load_hf(tmp_path)
+    config = config.replace(query_block=query_block)
     ids = np.random.default_rng(1).integers(0, 512, (1, n_positions))
     ids[:, 0] = 512
     with torch.no_grad():

@@ -98,13 +98,13 @@ def finetune_defaults() -> ml_collections.ConfigDict:
     """A fine-tuning config with the paper's settings (section 3.4): the joint loss, Adam at a
     constant rate with no warmup and no clipping, early stopping on validation accuracy. The
     architecture is the `init_from` model's: `model` only sets the classifier size and what
-    may change from pretraining (dtypes, dropout, remat, scan unrolling)."""
+    may change from pretraining (dtypes, dropout, remat, scan unrolling, query blocks)."""
     c = pretrain_defaults()
     c.init_from = ""  # required: igpt model dir, training workdir or transformers dir
     defaults = c.model
     c.model = ml_collections.ConfigDict()  # changes to the init_from model (see above)
     c.model.num_labels = 10  # classes of the classifier head
-    changeable = ("dtype", "param_dtype", "remat", "scan_unroll")
+    changeable = ("dtype", "param_dtype", "remat", "scan_unroll", "query_block")
     for field in changeable + ("attn_pdrop", "resid_pdrop", "embd_pdrop"):
         c.model[field] = defaults[field]
     c.data.val = ""  # required: early stopping and the choice of rate and step

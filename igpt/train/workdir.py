@@ -33,6 +33,7 @@ MAY_CHANGE = (
     "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "num_steps", "sample",
     "mesh_shape", "sharding_rules", "data.worker_count", "data.skip_corrupt", "finetune.patience",
     "data.test", "model.remat", "model.attention", "model.scan_unroll",
+    "model.query_block",
 )  # fmt: skip
 
 
