@@ -29,7 +29,8 @@ demo: $(VENV)/.run
 test: $(VENV)/.test
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	GLIBC_TUNABLES=glibc.malloc.hugetlb=1 $(PY) -m pytest -q  # igpt/runtime.py: the entry points set it themselves
+	# the malloc tunables the entry points set themselves (igpt/runtime.py)
+	GLIBC_TUNABLES=$$($(PY) -c "import igpt.runtime as r; print(r.TUNABLES)") $(PY) -m pytest -q
 
 # The TPU compiler (libtpu, the version jax names for its tpu extra), beside the venv and not
 # in it: importable, it makes every JAX process on a CPU machine look for a TPU and warn.

@@ -1,10 +1,20 @@
 """Process set-up that must happen before JAX (or anything else) allocates.
 
-glibc serves the large buffers XLA allocates and frees every train step as fresh mappings of
-4 KiB pages, so every step faults them in again: on 2 CPU cores half of a small model's
-training time was kernel time (7-8% with the setting below). glibc reads its tunables only at
-process start, so the entry points restart themselves once with transparent huge pages
-enabled for malloc (`glibc.malloc.hugetlb=1`), which cuts the faults about 500-fold.
+XLA:CPU allocates the temporaries of every execution as one buffer and frees it afterwards: at
+the S shape, 5.6 GB per train step. glibc serves a request that large with a fresh mapping (a
+thread's arena cannot hold it), so every step faults and zeroes all of it again, and on a
+virtual machine that hands free memory back to its host (free page reporting) each fault can
+also wait on the host: 10-16 s of system time per 6 s S step once the buffer sat free for a
+few seconds, for instance while transformers ran beside it in the benchmark. glibc reads its
+tunables only at process start, so the entry points restart themselves once with malloc set to
+keep and reuse such buffers, as PyTorch's caching allocator does on GPUs:
+
+- `hugetlb=1`: transparent huge pages for malloc, 512 times fewer faults on what is new;
+- `arena_max=1`: every thread allocates from the main heap, which can hold buffers of any size;
+- `mmap_max=0`: large requests come from that heap instead of fresh mappings;
+- `trim_threshold`: the heap is never shrunk, so a freed buffer is there for the next step.
+
+The price is that a process keeps its peak heap until it exits.
 """
 
 from __future__ import annotations
@@ -13,11 +23,18 @@ import os
 import platform
 import sys
 
-TUNABLES = "glibc.malloc.hugetlb=1"
+TUNABLES = ":".join(
+    [
+        "glibc.malloc.hugetlb=1",
+        "glibc.malloc.arena_max=1",
+        "glibc.malloc.mmap_max=0",
+        f"glibc.malloc.trim_threshold={1 << 40}",
+    ]
+)
 
 
-def relaunch_with_huge_pages() -> None:
-    """Re-execute this process with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, once.
+def relaunch_with_malloc_tunables() -> None:
+    """Re-execute this process with `GLIBC_TUNABLES` set to `TUNABLES`, once.
 
     Call it first thing in an entry point. It does nothing off glibc Linux or when
     GLIBC_TUNABLES is already set (set it yourself, even to nothing, to opt out).

@@ -4,9 +4,9 @@ python scripts/convert.py --from_hf=openai/imagegpt-small --out=models/igpt-s
 python scripts/convert.py --to_hf=models/igpt-s --out=hf/igpt-s
 """
 
-from igpt.runtime import relaunch_with_huge_pages
+from igpt.runtime import relaunch_with_malloc_tunables
 
-relaunch_with_huge_pages()
+relaunch_with_malloc_tunables()
 
 from absl import flags
 

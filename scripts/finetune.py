@@ -12,9 +12,9 @@ accuracy) is the igpt model dir WORKDIR/best; export it to transformers with
 Exit status: 0 done, 1 failed, 2 bad command line, 75 preempted (rerun to resume).
 """
 
-from igpt.runtime import relaunch_with_huge_pages
+from igpt.runtime import relaunch_with_malloc_tunables
 
-relaunch_with_huge_pages()
+relaunch_with_malloc_tunables()
 
 from igpt import cli
 

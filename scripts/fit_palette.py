@@ -11,9 +11,9 @@ transformers preprocessor_config.json into DIR, so `ImageGPTImageProcessor.from_
 and `ColorTokenizer.from_pretrained(DIR)` read the palette.
 """
 
-from igpt.runtime import relaunch_with_huge_pages
+from igpt.runtime import relaunch_with_malloc_tunables
 
-relaunch_with_huge_pages()
+relaunch_with_malloc_tunables()
 
 from absl import flags
 

@@ -6,9 +6,9 @@
       --config.init_from=models/igpt-s --workdir=runs/cifar10-probe-25
 """
 
-from igpt.runtime import relaunch_with_huge_pages
+from igpt.runtime import relaunch_with_malloc_tunables
 
-relaunch_with_huge_pages()
+relaunch_with_malloc_tunables()
 
 from igpt import cli
 

@@ -9,9 +9,9 @@ The ids go to a .npz beside the PNG (`ids`; in completion mode also `inputs`, th
 images); both files are written, or neither.
 """
 
-from igpt.runtime import relaunch_with_huge_pages
+from igpt.runtime import relaunch_with_malloc_tunables
 
-relaunch_with_huge_pages()
+relaunch_with_malloc_tunables()
 
 from pathlib import Path
 
