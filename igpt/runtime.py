@@ -4,7 +4,7 @@ XLA:CPU allocates the temporaries of every execution as one buffer and frees it 
 the S shape, 5.6 GB per train step. glibc serves a request that large with a fresh mapping (a
 thread's arena cannot hold it), so every step faults and zeroes all of it again, and on a
 virtual machine that hands free memory back to its host (free page reporting) each fault can
-also wait on the host: 10-16 s of system time per 6 s S step once the buffer sat free for a
+also wait on the host: 6-16 s of system time per 6 s S step once the buffer sat free for a
 few seconds, for instance while transformers ran beside it in the benchmark. glibc reads its
 tunables only at process start, so the entry points restart themselves once with malloc set to
 keep and reuse such buffers, as PyTorch's caching allocator does on GPUs:
