@@ -29,8 +29,7 @@ demo: $(VENV)/.run
 test: $(VENV)/.test
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	# the malloc tunables the entry points set themselves (igpt/runtime.py)
-	GLIBC_TUNABLES=$$($(PY) -c "import igpt.runtime as r; print(r.TUNABLES)") $(PY) -m pytest -q
+	GLIBC_TUNABLES=$$($(PY) -c "import igpt.runtime as r; print(r.TUNABLES)") $(PY) -m pytest -q  # as the entry points set them
 
 # The TPU compiler (libtpu, the version jax names for its tpu extra), beside the venv and not
 # in it: importable, it makes every JAX process on a CPU machine look for a TPU and warn.
