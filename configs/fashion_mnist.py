@@ -32,8 +32,9 @@ PALETTE_SIZE = 16  # grey levels of the palette fitted to the training pixels
 
 
 # Speed settings for 2 CPU cores, the same numbers: all 4 blocks unrolled (about 30% faster
-# than the scan) and attention in blocks of 64 queries (about 30% faster than 256 at 14x14). The
-# Fashion-MNIST figures in the README were run with the scan and blocks of 256.
+# than the scan) and attention in blocks of 64 queries (a train step 15-30% faster than with
+# blocks of 256 at 14x14). The Fashion-MNIST figures in the README were run with the scan
+# and blocks of 256.
 CPU_SPEED = dict(scan_unroll=4, query_block=64)
 
 

@@ -58,9 +58,10 @@ class ModelConfig:
     # trains 15-30% faster with all 4 unrolled, while S (24 layers) was 10% slower unrolled.
     scan_unroll: int = 1
     # Queries per block of training-length attention (a causal block reads keys only up to its
-    # own end). A speed setting, not the maths. On a 2-core CPU, blocks of 64 train a d=128
-    # model at 14x14 and 16x16 20-35% faster than 256 and run its forward pass 1.5-2x faster
-    # (less masked work, smaller score blocks), while S at 1,024 tokens trained 13% slower.
+    # own end). A speed setting, not the maths. On 2-core CPUs, blocks of 64 train a d=128
+    # model at 14x14 and 16x16 15-35% faster than 256 (less masked work, smaller score
+    # blocks); its forward pass ran 1.5-2x faster on one machine and no faster on another,
+    # and S at 1,024 tokens trained 13% slower.
     query_block: int = 256
     # "xla": igpt's blockwise attention; "dot_product": jax.nn.dot_product_attention,
     # cuDNN's fused kernel on GPUs (no attention dropout or inverse-layer scaling there).
