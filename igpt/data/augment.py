@@ -51,6 +51,11 @@ class Augment:
         if self.resized_crop and self.pad_crop:
             raise ValueError("choose one crop: resized_crop (ImageNet) or pad_crop (CIFAR)")
 
+    @property
+    def random(self) -> bool:
+        """Whether it draws from its generator (`Augment()` only resizes, and needs none)."""
+        return self.resized_crop or self.pad_crop or self.flip
+
     @classmethod
     def parse(cls, spec: str) -> Augment:
         """`"none"`, `"flip"`, `"imagenet"`, `"cifar"`, `"imagenet+flip"`, ..."""
@@ -66,9 +71,10 @@ class Augment:
         )
 
     def __call__(
-        self, image: np.ndarray, size: Sequence[int], rng: np.random.Generator
+        self, image: np.ndarray, size: Sequence[int], rng: np.random.Generator | None
     ) -> np.ndarray:
-        """uint8 image (H, W, C) -> augmented uint8 RGB (height, width, 3) at `size`."""
+        """uint8 image (H, W, C) -> augmented uint8 RGB (height, width, 3) at `size`; `rng`
+        may be None when the augmentation is not `random`."""
         image = to_rgb(image)
         if self.resized_crop:
             image = random_resized_crop(image, size, rng, self.short_side)
