@@ -104,9 +104,9 @@ class _TrainBatch:
     `order(epoch)[s % N]` with epoch = s // N, augmented with a generator seeded by s. Global
     batch k holds positions kG .. kG + G - 1, and process p takes those equal to p modulo P.
 
-    The pipeline's unit of work is a whole batch, not an example: grain's per-example
-    shuffle, random map and read metrics cost about 180 us an example (12 ms per batch of 64
-    digits, a sixth of the digits job's step), this about 30 us.
+    The pipeline's unit of work is a whole batch, not an example: a chain of grain's
+    per-example shuffle (computed per index), random map and read metrics took 12.3 ms of CPU
+    per batch of 64 digits, on the cores the train step runs on; this takes 0.74 ms.
     """
 
     def __init__(self, source, tokenizer, augment, size, seed, global_batch, index, count):
