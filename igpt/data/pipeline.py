@@ -97,6 +97,11 @@ def train_dataset(
     return dataset
 
 
+# The seed's two independent generator streams: the order of each epoch, and the augmentation
+# of each stream position.
+_ORDER, _AUGMENTATION = 0, 1
+
+
 class _TrainBatch:
     """Global batch k of the training stream, this process's share of it, as a token batch.
 
@@ -122,8 +127,9 @@ class _TrainBatch:
             epoch, slot = divmod(position, n)
             example = int(_epoch_order(self.seed, epoch, n)[slot])
             record = self.source[example]
-            # A generator only where the augmentation draws: making one costs ~20 us.
-            rng = np.random.default_rng((self.seed, 1, position)) if self.augment.random else None
+            rng = None  # a generator only where the augmentation draws: one costs ~20 us
+            if self.augment.random:
+                rng = np.random.default_rng((self.seed, _AUGMENTATION, position))
             images.append(self.augment(record["image"], self.size, rng))
             labels.append(record["label"])
         return _tokenize_batch(
@@ -136,7 +142,7 @@ class _TrainBatch:
 def _epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
     """The order of the N examples in `epoch`: a permutation, a new one each epoch (a batch
     spans at most two epochs, so a small cache computes each once)."""
-    return np.random.default_rng((seed, 0, epoch)).permutation(n)
+    return np.random.default_rng((seed, _ORDER, epoch)).permutation(n)
 
 
 def make_train_iterator(source, tokenizer: ColorTokenizer, **kwargs) -> grain.DatasetIterator:
