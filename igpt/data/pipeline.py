@@ -140,8 +140,8 @@ class _TrainBatch:
 
 @functools.lru_cache(maxsize=4)
 def _epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
-    """The order of the N examples in `epoch`: a permutation, a new one each epoch (a batch
-    spans at most two epochs, so a small cache computes each once)."""
+    """The order of the N examples in `epoch`: a permutation, a new one each epoch (cached:
+    a batch spans one or two epochs unless the source is smaller than the batch)."""
     return np.random.default_rng((seed, _ORDER, epoch)).permutation(n)
 
 
