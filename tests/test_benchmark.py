@@ -72,10 +72,24 @@ def test_harness_reports_every_mode(capsys, tmp_path, vs_hf):
     # positions on average over 16 tokens), so two more sequences add 2 x 2 x 32 x 4 x 8.5.
     samples = {r["batch"]: r for r in cases if r["mode"] == "sample" and r["impl"] == "igpt"}
     assert samples[3]["bytes_per_step"] - samples[1]["bytes_per_step"] == 2 * 2 * 32 * 4 * 8.5
-    bandwidth = machine["read_bandwidth_gbs"] * 1e9
     for batch, r in samples.items():
+        bandwidth = r["read_bandwidth_gbs"] * 1e9
+        assert bandwidth >= machine["read_bandwidth_gbs"] * 1e9
         assert r["limit_per_s"] == pytest.approx(batch * bandwidth / r["bytes_per_step"], 1e-4)
         assert r["fraction_of_limit"] == pytest.approx(r["per_s"] / r["limit_per_s"], abs=2e-3)
+
+
+def test_the_sampling_limit_takes_the_best_bandwidth_so_far(capsys, monkeypatch):
+    # Measured at the start (20 GB/s), then after each batch's calls (35, then 25).
+    readings = iter([20e9, 35e9, 25e9])
+    monkeypatch.setattr(benchmark, "measure_bandwidth", lambda: next(readings))
+    records, _ = _records(capsys, TINY_ARGS + ["--mode", "sample"])
+    samples = [r for r in records if r["mode"] == "sample"]
+    assert records[0]["read_bandwidth_gbs"] == 20
+    assert [r["read_bandwidth_gbs"] for r in samples] == [35, 35]
+    for r in samples:
+        limit = r["batch"] * 35e9 / r["bytes_per_step"]
+        assert r["limit_per_s"] == pytest.approx(limit, 1e-4)
 
 
 def test_loop_mode_times_the_training_loop_against_its_bare_step(capsys):
