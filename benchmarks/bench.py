@@ -296,7 +296,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--loop-steps", type=int, default=200, help="steps of the loop mode")
     parser.add_argument("--scan-unroll", type=int, default=1, help="igpt's model.scan_unroll")
-    parser.add_argument("--query-block", type=int, default=256, help="igpt's model.query_block")
+    parser.add_argument(
+        "--query-block", type=int, default=0, help="igpt's model.query_block (0: automatic)"
+    )
     parser.add_argument("--sample-tokens", type=int, help="tokens per sample (default: all)")
     parser.add_argument("--top-k", type=int, default=64, help="top-k of both samplers")
     parser.add_argument("--images", type=int, default=512, help="images per tokenize call")

@@ -167,7 +167,7 @@ class Attention(nn.Module):
         return nn.Dropout(self.config.attn_pdrop)(probs, deterministic=self.deterministic)
 
     def _attend(self, q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, scale) -> jax.Array:
-        """Attention among this call's tokens, in blocks of `config.query_block` queries; a
+        """Attention among this call's tokens, in blocks of `config.attention_block` queries; a
         causal block reads keys only up to its own end, so the masked upper triangle is mostly
         skipped (62.5% of the dense work at 1,024 tokens in blocks of 256)."""
         causal = self.config.causal
@@ -187,8 +187,9 @@ class Attention(nn.Module):
         t = q_BxHxTxK.shape[2]
         pos = jnp.arange(t)
         blocks = []
-        for lo in range(0, t, self.config.query_block):
-            hi = min(lo + self.config.query_block, t)
+        block = self.config.attention_block
+        for lo in range(0, t, block):
+            hi = min(lo + block, t)
             end = hi if causal else t  # the last key a query of this block may read, + 1
             scores = jnp.einsum(
                 "bhtk,bhsk->bhts",

@@ -43,12 +43,24 @@ def test_xl_preset_is_about_6_8_billion_parameters():
 def test_bad_config_errors_name_the_problem():
     with pytest.raises(ValueError, match="not divisible by n_head"):
         igpt.ModelConfig(n_embd=30, n_head=4)
-    with pytest.raises(ValueError, match="query_block=0 must be >= 1"):
-        igpt.ModelConfig(query_block=0)
+    with pytest.raises(ValueError, match=r"query_block=-1 must be >= 0 \(0: automatic\)"):
+        igpt.ModelConfig(query_block=-1)
     with pytest.raises(ValueError, match="Unknown preset 'huge'"):
         igpt.ModelConfig.preset("huge")
     with pytest.raises(ValueError, match=r"Unknown ModelConfig fields \['n_embed'\]"):
         igpt.ModelConfig.from_dict({"n_embed": 4})
+
+
+@pytest.mark.parametrize(
+    "n_positions, query_block, block",
+    [(64, 0, 64), (196, 0, 64), (256, 0, 64), (529, 0, 133), (1024, 0, 256), (4096, 0, 256)]
+    + [(196, 48, 48), (4096, 1024, 1024)],
+)
+def test_automatic_attention_blocks_are_a_quarter_of_the_sequence_within_64_to_256(
+    n_positions, query_block, block
+):
+    config = igpt.ModelConfig(n_positions=n_positions, query_block=query_block)
+    assert config.attention_block == block
 
 
 def test_every_parameter_has_logical_axis_names():
