@@ -62,8 +62,8 @@ class ModelConfig:
     # blocks), rounded up, but at least 64 and at most 256 (`attention_block`): on 2-core CPUs
     # that was the fastest of 64, 128 and 256 at every length measured. A d=128 model at 14x14
     # and 16x16 trains 15-35% faster in blocks of 64 than of 256 (less masked work, smaller
-    # score blocks); at 529 tokens blocks of 128 were 3-10% faster than 64 or 256; S at 1,024
-    # tokens trained 13% slower in blocks of 64 than of 256.
+    # score blocks); at 529 tokens blocks of 128 were 2-5% faster than 64 and 3-15% than 256;
+    # S at 1,024 tokens trained 13% slower in blocks of 64 than of 256.
     query_block: int = 0
     # "xla": igpt's blockwise attention; "dot_product": jax.nn.dot_product_attention,
     # cuDNN's fused kernel on GPUs (no attention dropout or inverse-layer scaling there).
