@@ -295,7 +295,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="compute dtype of both implementations (float32 parameters; torch autocast)",
     )
     parser.add_argument("--loop-steps", type=int, default=200, help="steps of the loop mode")
-    parser.add_argument("--scan-unroll", type=int, default=1, help="igpt's model.scan_unroll")
+    parser.add_argument(
+        "--scan-unroll", type=int, default=0, help="igpt's model.scan_unroll (0: automatic)"
+    )
     parser.add_argument(
         "--query-block", type=int, default=0, help="igpt's model.query_block (0: automatic)"
     )

@@ -31,13 +31,6 @@ SIDE = 14
 PALETTE_SIZE = 16  # grey levels of the palette fitted to the training pixels
 
 
-# Speed settings for 2 CPU cores, the same numbers: all 4 blocks unrolled (about 30% faster
-# than the scan) and attention in blocks of 64 queries (a train step 15-30% faster than with
-# blocks of 256 at 14x14). The Fashion-MNIST figures in the README were run with the scan
-# and blocks of 256.
-CPU_SPEED = dict(scan_unroll=4, query_block=64)
-
-
 def splits(directory: str) -> dict[str, str]:
     """The data specs of the three splits."""
     spec = f"idx:{directory}"
@@ -58,7 +51,7 @@ def pretrain_config(directory: str, objective: str) -> ml_collections.ConfigDict
     c.data.palette_pixels = 200_000
     c.model = model_fields(
         "tiny", SIDE, vocab_size=PALETTE_SIZE + 1, n_embd=128, n_layer=4, n_head=4,
-        objective=objective, **CPU_SPEED,
+        objective=objective,
     )  # fmt: skip
     c.batch_size = 64
     c.num_steps = 2_000  # 2.4 epochs, 50-55 minutes on 2 CPU cores
@@ -90,7 +83,6 @@ def finetune_config(directory: str) -> ml_collections.ConfigDict:
     data = splits(directory)
     c = finetune_defaults()
     c.data.train, c.data.val, c.data.test = data["train"], data["val"], data["test"]
-    c.model.update(CPU_SPEED)
     c.finetune.patience = 2
     c.finetune.learning_rates = (1e-3, 3e-4)  # about 3x and 10x below pretraining's 3e-3
     # No refit on train + val: a third run would take the stage past half an hour on 2 cores;

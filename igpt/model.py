@@ -410,7 +410,7 @@ class ImageGPT(nn.Module):
             split_rngs={"params": True, "dropout": True},
             in_axes=(0, nn.broadcast),
             length=cfg.n_layer,
-            unroll=cfg.scan_unroll,
+            unroll=cfg.layer_unroll,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(cfg, decode, deterministic, name="h")
         h, before_blocks_LxBxTxD = blocks(h, jnp.arange(cfg.n_layer), start)

@@ -45,6 +45,8 @@ def test_bad_config_errors_name_the_problem():
         igpt.ModelConfig(n_embd=30, n_head=4)
     with pytest.raises(ValueError, match=r"query_block=-1 must be >= 0 \(0: automatic\)"):
         igpt.ModelConfig(query_block=-1)
+    with pytest.raises(ValueError, match=r"scan_unroll=-1 must be >= 0 \(0: automatic\)"):
+        igpt.ModelConfig(scan_unroll=-1)
     with pytest.raises(ValueError, match="Unknown preset 'huge'"):
         igpt.ModelConfig.preset("huge")
     with pytest.raises(ValueError, match=r"Unknown ModelConfig fields \['n_embed'\]"):
@@ -61,6 +63,17 @@ def test_automatic_attention_blocks_are_a_quarter_of_the_sequence_within_64_to_2
 ):
     config = igpt.ModelConfig(n_positions=n_positions, query_block=query_block)
     assert config.attention_block == block
+
+
+@pytest.mark.parametrize(
+    "n_layer, scan_unroll, unroll",
+    [(4, 0, 4), (12, 0, 12), (13, 0, 1), (24, 0, 1), (48, 0, 1), (4, 1, 1), (24, 4, 4)],
+)
+def test_automatic_unrolling_unrolls_up_to_12_layers_and_scans_deeper_models(
+    n_layer, scan_unroll, unroll
+):
+    config = igpt.ModelConfig(n_layer=n_layer, scan_unroll=scan_unroll)
+    assert config.layer_unroll == unroll
 
 
 def test_every_parameter_has_logical_axis_names():
@@ -164,6 +177,7 @@ def test_norm_gains_receive_gradients():
     "change",
     [
         {"remat": True},
+        {"scan_unroll": 1},  # TINY's 3 blocks are unrolled by default: the scan
         {"scan_unroll": 2},
         {"scan_unroll": 99},
         {"query_block": 5},  # 8 blocks, the last one short
