@@ -28,6 +28,8 @@ import ml_collections
 from absl import flags, logging
 from ml_collections import config_flags
 
+from igpt.runtime import use_compilation_cache
+
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_PREEMPTED = 75
@@ -122,6 +124,7 @@ def run(main: Callable[[], object], argv: Sequence[str] | None = None) -> None:
     except (flags.Error, UsageError) as e:
         fail(prog, e, EXIT_USAGE)
     logging.set_verbosity(logging.ERROR)  # orbax and grain log routine events as warnings
+    use_compilation_cache()
     try:
         main()
     except EXPLAINED as e:

@@ -66,3 +66,25 @@ def compile_ahead_environment(argv: list[str]) -> None:
     if platform == "cpu" and count.isdigit():
         flag = f"--xla_force_host_platform_device_count={count}"
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
+
+
+# Most of a short run's start-up is XLA compiling the same programs as last time (a resumed
+# run, another probe of the same model, the next `make demo`). JAX's persistent cache keeps
+# them on disk; this is its size limit, past which the least recently used are evicted.
+COMPILATION_CACHE_BYTES = 2 << 30
+
+
+def use_compilation_cache() -> None:
+    """Keep compiled programs in `$XDG_CACHE_HOME/igpt/xla` (default `~/.cache/igpt/xla`).
+
+    Call it before the first compilation. It does nothing when `JAX_COMPILATION_CACHE_DIR` is
+    set, which JAX reads itself: set it to choose the directory, or to nothing to turn the
+    cache off.
+    """
+    if "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        return
+    import jax
+
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    jax.config.update("jax_compilation_cache_dir", os.path.join(base, "igpt", "xla"))
+    jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_BYTES)

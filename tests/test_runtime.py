@@ -80,3 +80,40 @@ def test_an_entry_point_reuses_xlas_step_buffers_without_page_faults(tmp_path):
 def test_a_users_own_setting_is_kept(tmp_path):
     lines = _run(tmp_path, dict(os.environ, GLIBC_TUNABLES="glibc.malloc.check=0"))
     assert lines[:2] == ["start", "glibc.malloc.check=0 ['a', '--b=c']"]
+
+
+CACHED = """
+import jax, jax.numpy as jnp
+from igpt.runtime import use_compilation_cache
+use_compilation_cache()
+print(jax.jit(lambda x: jnp.sin(x) @ x)(jnp.ones((8, 8))).sum())
+"""
+
+
+def _compile_in_a_process(tmp_path, **env):
+    path = tmp_path / "compile.py"
+    path.write_text(CACHED)
+    base = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+    # Cache even this fast compilation (JAX keeps only those over a second by default).
+    base |= {
+        "XDG_CACHE_HOME": str(tmp_path / "xdg"),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    }
+    subprocess.run([sys.executable, str(path)], env=base | env, check=True, capture_output=True)
+    cache = tmp_path / "xdg" / "igpt" / "xla"
+    return sorted(p.name for p in cache.iterdir()) if cache.exists() else []
+
+
+def test_entry_points_keep_compiled_programs_in_the_users_cache(tmp_path):
+    first = _compile_in_a_process(tmp_path)
+    assert any(name.startswith("jit__lambda") and name.endswith("-cache") for name in first)
+    # A second process finds the program there instead of writing another.
+    assert _compile_in_a_process(tmp_path) == first
+
+
+def test_a_users_own_cache_setting_is_kept(tmp_path):
+    assert _compile_in_a_process(tmp_path, JAX_COMPILATION_CACHE_DIR="") == []
+    own = tmp_path / "own"
+    _compile_in_a_process(tmp_path, JAX_COMPILATION_CACHE_DIR=str(own))
+    assert any(p.name.endswith("-cache") for p in own.iterdir())
+    assert not (tmp_path / "xdg").exists()
