@@ -19,6 +19,7 @@ The price is that a process keeps its peak heap until it exits.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import sys
@@ -74,8 +75,19 @@ def compile_ahead_environment(argv: list[str]) -> None:
 COMPILATION_CACHE_BYTES = 2 << 30
 
 
+def _host_cpu() -> str:
+    """The host's architecture and a digest of its CPU flags. JAX's cache keys leave the CPU
+    out, and XLA refuses (and recompiles) a CPU program built with instructions the host lacks,
+    so machines that share a home directory but not a CPU keep separate caches."""
+    flags = ""
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    return f"{platform.machine()}-{hashlib.sha256(flags.encode()).hexdigest()[:12]}"
+
+
 def use_compilation_cache() -> None:
-    """Keep compiled programs in `$XDG_CACHE_HOME/igpt/xla` (default `~/.cache/igpt/xla`).
+    """Keep compiled programs in `$XDG_CACHE_HOME/igpt/xla/<cpu>` (default `~/.cache/...`).
 
     Call it before the first compilation. It does nothing when `JAX_COMPILATION_CACHE_DIR` is
     set, which JAX reads itself: set it to choose the directory, or to nothing to turn the
@@ -86,5 +98,5 @@ def use_compilation_cache() -> None:
     import jax
 
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    jax.config.update("jax_compilation_cache_dir", os.path.join(base, "igpt", "xla"))
+    jax.config.update("jax_compilation_cache_dir", os.path.join(base, "igpt", "xla", _host_cpu()))
     jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_BYTES)
