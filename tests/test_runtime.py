@@ -86,8 +86,10 @@ CACHED = """
 import jax, jax.numpy as jnp
 from igpt.runtime import use_compilation_cache
 use_compilation_cache()
+jax.monitoring.register_event_listener(lambda event, **_: print(event))
 print(jax.jit(lambda x: jnp.sin(x) @ x)(jnp.ones((8, 8))).sum())
 """
+HIT = "/jax/compilation_cache/cache_hits"
 
 
 def _compile_in_a_process(tmp_path, **env):
@@ -99,20 +101,23 @@ def _compile_in_a_process(tmp_path, **env):
         "XDG_CACHE_HOME": str(tmp_path / "xdg"),
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
     }
-    subprocess.run([sys.executable, str(path)], env=base | env, check=True, capture_output=True)
+    run = subprocess.run(
+        [sys.executable, str(path)], env=base | env, check=True, capture_output=True, text=True
+    )
     cache = tmp_path / "xdg" / "igpt" / "xla"
-    return sorted(p.name for p in cache.glob("*/*"))
+    return sorted(p.name for p in cache.glob("*/*")), HIT in run.stdout.split("\n")
 
 
 def test_entry_points_keep_compiled_programs_in_the_users_cache(tmp_path):
-    first = _compile_in_a_process(tmp_path)
+    first, hit = _compile_in_a_process(tmp_path)
     assert any(name.startswith("jit__lambda") and name.endswith("-cache") for name in first)
-    # A second process finds the program there instead of writing another.
-    assert _compile_in_a_process(tmp_path) == first
+    assert not hit
+    # A second process reads the program back instead of compiling it again.
+    assert _compile_in_a_process(tmp_path) == (first, True)
 
 
 def test_a_users_own_cache_setting_is_kept(tmp_path):
-    assert _compile_in_a_process(tmp_path, JAX_COMPILATION_CACHE_DIR="") == []
+    assert _compile_in_a_process(tmp_path, JAX_COMPILATION_CACHE_DIR="") == ([], False)
     own = tmp_path / "own"
     _compile_in_a_process(tmp_path, JAX_COMPILATION_CACHE_DIR=str(own))
     assert any(p.name.endswith("-cache") for p in own.iterdir())
