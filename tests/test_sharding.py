@@ -139,8 +139,8 @@ def test_tpu_plan_memory_per_chip_falls_as_fsdp_grows(tmp_path):
     # One host's 2x2 chips is the smallest v5e slice libtpu describes. The digits model is
     # widened and lengthened: at 64 wide and 64 tokens the TPU's fixed costs (tiles padded to
     # 128 lanes) hide how activations scale. The layer scan is rolled, as on a TPU run: the
-    # digits config unrolls it for CPU speed, and unrolled the TPU scheduler overlaps layers
-    # differently at each size (eval temporaries went 0 -> 4 MiB from 4 to 16 chips).
+    # digits model's 4 layers are unrolled by default, and unrolled the TPU scheduler overlaps
+    # layers differently at each size (eval temporaries went 0 -> 4 MiB from 4 to 16 chips).
     wider = ("--config.model.n_embd=256", "--config.data.image_size=16",
              "--config.model.n_positions=256", "--config.model.scan_unroll=1")  # fmt: skip
     few = _plan(tmp_path, "v5e:2x2", "1,4,1", "train,eval", wider)
