@@ -50,7 +50,10 @@ class ModelConfig:
     embd_pdrop: float = 0.0  # dropout on the input embeddings
     use_bias: bool = False  # dense biases: False for models trained here, True for HF checkpoints
     num_labels: int = 0  # classifier head size; 0 = no classifier head
-    dtype: str = "float32"  # compute dtype of matmuls and activations
+    # The dtype every matrix product rounds its inputs to; products accumulate and return
+    # float32, in the gradient too, and activations, norms and softmax stay float32
+    # (igpt.precision). bfloat16 is the fast path on accelerators and on CPUs with AVX-512 BF16.
+    dtype: str = "float32"
     param_dtype: str = "float32"  # storage dtype of parameters
     remat: bool = False  # recompute each block's activations in the backward pass to save memory
     # Blocks per iteration of the layer scan. A speed setting, not the maths. 1 compiles one

@@ -72,7 +72,7 @@ def make_feature_fn(config: ModelConfig, layers: Sequence[int], mesh):
     model's logits are computed by nothing that is returned, so XLA drops the output head.
     """
     model = ImageGPT(config)
-    norm = RMSNorm(config.layer_norm_epsilon, jnp.float32, config.storage_dtype)
+    norm = RMSNorm(config.layer_norm_epsilon, config.storage_dtype)
 
     def fn(params, batch):
         tokens = batch["tokens"]

@@ -11,7 +11,6 @@ layer at a time over per-layer caches, for samplers that feed one token per step
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 
@@ -21,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from igpt import precision
 from igpt.config import ModelConfig
 
 _normal = nn.initializers.normal
@@ -86,10 +86,11 @@ class ModelOutput:
 
 
 class RMSNorm(nn.Module):
-    """ImageGPT's norm: x / sqrt(mean(x^2) + eps) * gain; no centring, no bias, trainable gain."""
+    """ImageGPT's norm: x / sqrt(mean(x^2) + eps) * gain; no centring, no bias, trainable gain.
+    Computed and returned in float32 whatever the compute dtype (the products after it round
+    their inputs)."""
 
     epsilon: float
-    dtype: jnp.dtype
     param_dtype: jnp.dtype
 
     @nn.compact
@@ -99,7 +100,7 @@ class RMSNorm(nn.Module):
         )
         x = x_BxTxD.astype(jnp.float32)
         x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.epsilon)
-        return (x * gain.astype(jnp.float32)).astype(self.dtype)
+        return x * gain.astype(jnp.float32)
 
 
 class Attention(nn.Module):
@@ -126,7 +127,8 @@ class Attention(nn.Module):
         c_attn = nn.DenseGeneral(
             (3, h, k),
             use_bias=cfg.use_bias,
-            dtype=dtype,
+            dtype=jnp.float32,
+            dot_general=precision.dot_general(dtype),
             param_dtype=cfg.storage_dtype,
             kernel_init=_logical(_normal(1.0 / math.sqrt(d)), ("embed", None, "heads", "kv")),
             bias_init=_logical(_zeros, (None, "heads", "kv")),
@@ -149,7 +151,8 @@ class Attention(nn.Module):
             d,
             axis=(-2, -1),
             use_bias=cfg.use_bias,
-            dtype=dtype,
+            dtype=jnp.float32,
+            dot_general=precision.dot_general(dtype),
             param_dtype=cfg.storage_dtype,
             kernel_init=_logical(
                 _normal(1.0 / math.sqrt(d * cfg.n_layer)), ("heads", "kv", "embed")
@@ -163,17 +166,20 @@ class Attention(nn.Module):
         # Scores and softmax in float32 whatever the compute dtype: bf16 logits lose the
         # small differences between far-apart pixels.
         scores = jnp.where(allowed_TxS, scores_BxHxTxS * scale, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.config.compute_dtype)
+        probs = jax.nn.softmax(scores, axis=-1)
         return nn.Dropout(self.config.attn_pdrop)(probs, deterministic=self.deterministic)
 
     def _attend(self, q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, scale) -> jax.Array:
         """Attention among this call's tokens, in blocks of `config.attention_block` queries; a
         causal block reads keys only up to its own end, so the masked upper triangle is mostly
         skipped (62.5% of the dense work at 1,024 tokens in blocks of 256)."""
-        causal = self.config.causal
+        causal, dtype = self.config.causal, self.config.compute_dtype
         if self.config.attention == "dot_product":
             # cuDNN's fused kernel on GPUs; elsewhere JAX's XLA reference implementation.
             on_gpu = jax.default_backend() == "gpu"
+            q_BxTxHxK, k_BxTxHxK, v_BxTxHxK = (
+                x.astype(dtype) for x in (q_BxTxHxK, k_BxTxHxK, v_BxTxHxK)
+            )
             return jax.nn.dot_product_attention(
                 q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, scale=scale, is_causal=causal,
                 implementation="cudnn" if on_gpu else None,
@@ -191,17 +197,13 @@ class Attention(nn.Module):
         for lo in range(0, t, block):
             hi = min(lo + block, t)
             end = hi if causal else t  # the last key a query of this block may read, + 1
-            scores = jnp.einsum(
-                "bhtk,bhsk->bhts",
-                q_BxHxTxK[:, :, lo:hi],
-                k_BxHxTxK[:, :, :end],
-                preferred_element_type=jnp.float32,
+            scores = precision.einsum(
+                "bhtk,bhsk->bhts", q_BxHxTxK[:, :, lo:hi], k_BxHxTxK[:, :, :end], dtype
             )
             allowed = pos[None, :end] <= pos[lo:hi, None] if causal else jnp.ones((), bool)
             probs = self._probs(keep_batch_sharded(scores), allowed, scale)
-            blocks.append(
-                keep_batch_sharded(jnp.einsum("bhts,bhsk->bhtk", probs, v_BxHxTxK[:, :, :end]))
-            )
+            out = precision.einsum("bhts,bhsk->bhtk", probs, v_BxHxTxK[:, :, :end], dtype)
+            blocks.append(keep_batch_sharded(out))
         out_BxHxTxK = jnp.concatenate(blocks, axis=2) if len(blocks) > 1 else blocks[0]
         return jnp.transpose(out_BxHxTxK, (0, 2, 1, 3))
 
@@ -211,18 +213,15 @@ class Attention(nn.Module):
         key = self.variable("cache", "key")
         value = self.variable("cache", "value")
         old_k_BxHxKxS, old_v_BxHxSxK = key.value, value.value
-        new_k_BxHxKxT, new_v_BxHxTxK = _keys_layout(k_BxTxHxK), _values_layout(v_BxTxHxK)
+        dtype = self.config.compute_dtype
+        new_k_BxHxKxT = _keys_layout(k_BxTxHxK).astype(dtype)
+        new_v_BxHxTxK = _values_layout(v_BxTxHxK).astype(dtype)
         key.value = jax.lax.dynamic_update_slice(old_k_BxHxKxS, new_k_BxHxKxT, (0, 0, 0, start))
         value.value = jax.lax.dynamic_update_slice(old_v_BxHxSxK, new_v_BxHxTxK, (0, 0, start, 0))
 
         t, s = q_BxTxHxK.shape[1], old_k_BxHxKxS.shape[-1]
-        f32 = jnp.float32
-        old_scores = jnp.einsum(
-            "bthk,bhks->bhts", q_BxTxHxK, old_k_BxHxKxS, preferred_element_type=f32
-        )
-        new_scores = jnp.einsum(
-            "bthk,bhku->bhtu", q_BxTxHxK, new_k_BxHxKxT, preferred_element_type=f32
-        )
+        old_scores = precision.einsum("bthk,bhks->bhts", q_BxTxHxK, old_k_BxHxKxS, dtype)
+        new_scores = precision.einsum("bthk,bhku->bhtu", q_BxTxHxK, new_k_BxHxKxT, dtype)
         allowed_TxS = jnp.concatenate(
             [
                 jnp.broadcast_to(jnp.arange(s)[None, :] < start, (t, s)),
@@ -231,8 +230,8 @@ class Attention(nn.Module):
             axis=-1,
         )
         probs = self._probs(jnp.concatenate([old_scores, new_scores], -1), allowed_TxS, scale)
-        out = jnp.einsum("bhts,bhsk->bthk", probs[..., :s], old_v_BxHxSxK)
-        return out + jnp.einsum("bhtu,bhuk->bthk", probs[..., s:], new_v_BxHxTxK)
+        out = precision.einsum("bhts,bhsk->bthk", probs[..., :s], old_v_BxHxSxK, dtype)
+        return out + precision.einsum("bhtu,bhuk->bthk", probs[..., s:], new_v_BxHxTxK, dtype)
 
 
 def _keys_layout(k_BxTxHxK: jax.Array) -> jax.Array:
@@ -254,7 +253,12 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
         cfg = self.config
-        dense = dict(use_bias=cfg.use_bias, dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype)
+        dense = dict(
+            use_bias=cfg.use_bias,
+            dtype=jnp.float32,
+            dot_general=precision.dot_general(cfg.compute_dtype),
+            param_dtype=cfg.storage_dtype,
+        )
         c_fc = nn.Dense(
             cfg.mlp_dim,
             kernel_init=_logical(_normal(0.02), ("embed", "mlp")),
@@ -282,9 +286,7 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, h_BxTxD: jax.Array, layer_idx: jax.Array, start: jax.Array):
         cfg = self.config
-        norm = dict(
-            epsilon=cfg.layer_norm_epsilon, dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype
-        )
+        norm = dict(epsilon=cfg.layer_norm_epsilon, param_dtype=cfg.storage_dtype)
         drop = nn.Dropout(cfg.resid_pdrop)
         a = Attention(cfg, self.decode, self.deterministic, name="attn")(
             RMSNorm(**norm, name="ln_1")(h_BxTxD), layer_idx, start
@@ -328,15 +330,15 @@ def _wpe(cfg: ModelConfig) -> nn.Embed:
 
 
 def _ln_f(cfg: ModelConfig) -> RMSNorm:
-    return RMSNorm(cfg.layer_norm_epsilon, cfg.compute_dtype, cfg.storage_dtype, name="ln_f")
+    return RMSNorm(cfg.layer_norm_epsilon, cfg.storage_dtype, name="ln_f")
 
 
 def _lm_head(cfg: ModelConfig) -> nn.Dense:
     return nn.Dense(
         cfg.palette_size,
         use_bias=False,
-        dtype=cfg.compute_dtype,  # inputs and kernel in the compute dtype, logits in float32
-        dot_general=functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32),
+        dtype=jnp.float32,
+        dot_general=precision.dot_general(cfg.compute_dtype),
         param_dtype=cfg.storage_dtype,
         kernel_init=_logical(_zeros, ("embed", "vocab")),
         name="lm_head",
