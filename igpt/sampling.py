@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from igpt import precision
 from igpt.config import ModelConfig
 from igpt.model import check_ids, decode_step, init_cache, split_layers
 
@@ -126,8 +127,9 @@ def _compiled_sampler(
         # randomness does not depend on how long the prompt was.
         uniform_NxB = jax.random.uniform(rng, (length, batch))
 
-        # Sliced once here, outside the loop: each layer's weights and cache are separate
-        # buffers that every step reads (and updates) in place.
+        # Rounded and sliced once here, outside the loop: each layer's weights and cache are
+        # separate buffers that every step reads (and updates) in place.
+        params = precision.round_kernels(params, config.compute_dtype)
         layers = split_layers(params["h"], config.n_layer)
         caches = split_layers(init_cache(config, batch, length)["h"], config.n_layer)
         step = functools.partial(decode_step, config, params, layers)
