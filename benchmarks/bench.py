@@ -256,15 +256,17 @@ def _sig(x: float) -> float:
     return float(f"{x:.6g}")
 
 
-def machine_info(threads: int) -> dict:
-    """The measured roofs of this run and what else was loading the machine."""
-    peak = measure_matmul_peak()
+def machine_info(threads: int, dtype: str) -> dict:
+    """The measured roofs of this run (the matmul peak of `dtype` products) and what else was
+    loading the machine."""
+    peak = measure_matmul_peak(dtype=jnp.dtype(dtype))
     bandwidth = measure_bandwidth()
     return dict(
         mode="machine",
         device=str(jax.devices()[0].device_kind),
         cpus=os.cpu_count(),
         threads=threads,
+        matmul_dtype=dtype,
         matmul_peak_gflops=round(peak / 1e9, 1),
         read_bandwidth_gbs=round(bandwidth / 1e9, 1),
         loadavg_1min=round(os.getloadavg()[0], 2),
@@ -348,7 +350,7 @@ def run(args: argparse.Namespace, emit: Callable[[dict], None]) -> list[dict]:
         side=config.image_side,
         params=count_params(param_shapes(config)),
     )
-    records = [machine_info(args.threads)]
+    records = [machine_info(args.threads, args.dtype)]
     emit(records[0])
     peak = records[0]["matmul_peak_gflops"] * 1e9
     params = benchmark_params(config)
@@ -422,7 +424,8 @@ def format_table(records: list[dict]) -> str:
     """A readable summary of the records of one run."""
     machine = records[0]
     lines = [
-        f"machine: {machine['cpus']} CPUs ({machine['device']}), matmul peak "
+        f"machine: {machine['cpus']} CPUs ({machine['device']}), {machine['matmul_dtype']} "
+        f"matmul peak "
         f"{machine['matmul_peak_gflops']} GFLOP/s, read bandwidth {machine['read_bandwidth_gbs']}"
         f" GB/s, load average {machine['loadavg_1min']}",
         f"{'mode':9} {'batch':>5} {'impl':18} {'per s':>12} {'GFLOP/s':>8} {'% peak':>7} "

@@ -238,7 +238,8 @@ class _Reporter:
         # Model FLOP utilisation, as nanoGPT and maxtext report it: the model's matmul FLOPs
         # per second over the devices' peak (igpt.flops).
         self.flops_per_token = train_step_flops(run.model_config, 1) / run.model_config.n_positions
-        self.peak = peak_flops(jax.devices()[0]) * jax.device_count()
+        peak = peak_flops(jax.devices()[0], run.model_config.compute_dtype)
+        self.peak = peak * jax.device_count()
 
     def push(self, step: int, metrics: dict) -> None:
         """Queue step `step`'s metrics, reporting the previously queued ones."""
