@@ -116,6 +116,7 @@ def test_bfloat16_runs_on_both_sides(capsys):
     argv = TINY_ARGS + ["--mode", "train", "--vs-hf", "--dtype", "bfloat16"]
     records, _ = _records(capsys, argv)
     assert {r["dtype"] for r in records[1:] if "dtype" in r} == {"bfloat16"}
+    assert records[0]["matmul_dtype"] == "bfloat16"  # fractions are of the bfloat16 peak
     assert all(r["per_s"] > 0 for r in records[1:] if "per_s" in r)
 
 
