@@ -64,6 +64,11 @@ def compile_ahead_environment(argv: list[str]) -> None:
     # without this a second plan run beside the first fails.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     platform, _, count = topology.partition(":")
+    if topology and platform != "cpu":
+        # No persistent cache: a TPU program compiled without attached chips cannot be read
+        # back ("PjRtCompiler must be constructed with a Client"), so every later plan of
+        # the same program would warn and compile again anyway.
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = ""
     if platform == "cpu" and count.isdigit():
         flag = f"--xla_force_host_platform_device_count={count}"
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()

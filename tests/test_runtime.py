@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from igpt import runtime
 from igpt.runtime import TUNABLES
 
 SCRIPT = """
@@ -122,3 +123,12 @@ def test_a_users_own_cache_setting_is_kept(tmp_path):
     _compile_in_a_process(tmp_path, JAX_COMPILATION_CACHE_DIR=str(own))
     assert any(p.name.endswith("-cache") for p in own.iterdir())
     assert not (tmp_path / "xdg").exists()
+
+
+@pytest.mark.parametrize("topology, cached", [("v5e:2x2", False), ("cpu:4", True)])
+def test_tpu_plans_keep_no_persistent_cache(monkeypatch, topology, cached):
+    # JAX cannot read back a TPU program compiled without chips; CPU ones it can.
+    environ = {"JAX_COMPILATION_CACHE_DIR": "/somewhere"}
+    monkeypatch.setattr(runtime.os, "environ", environ)
+    runtime.compile_ahead_environment([f"--topology={topology}"])
+    assert environ["JAX_COMPILATION_CACHE_DIR"] == ("/somewhere" if cached else "")
