@@ -425,8 +425,8 @@ def format_table(records: list[dict]) -> str:
     machine = records[0]
     lines = [
         f"machine: {machine['cpus']} CPUs ({machine['device']}), {machine['matmul_dtype']} "
-        f"matmul peak "
-        f"{machine['matmul_peak_gflops']} GFLOP/s, read bandwidth {machine['read_bandwidth_gbs']}"
+        f"matmul peak {machine['matmul_peak_gflops']} GFLOP/s, read bandwidth "
+        f"{machine['read_bandwidth_gbs']}"
         f" GB/s, load average {machine['loadavg_1min']}",
         f"{'mode':9} {'batch':>5} {'impl':18} {'per s':>12} {'GFLOP/s':>8} {'% peak':>7} "
         f"{'best s':>8} {'warm-up s':>9} {'ratio':>6} {'limit/s':>9} {'% limit':>7}",

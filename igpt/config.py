@@ -52,7 +52,8 @@ class ModelConfig:
     num_labels: int = 0  # classifier head size; 0 = no classifier head
     # The dtype every matrix product rounds its inputs to; products accumulate and return
     # float32, in the gradient too, and activations, norms and softmax stay float32
-    # (igpt.precision). bfloat16 is the fast path on accelerators and on CPUs with AVX-512 BF16.
+    # (igpt.precision). bfloat16 trains and evaluates fastest on accelerators and on CPUs with
+    # AVX-512 BF16 (there, XLA:CPU samples faster in float32: README, Benchmarks).
     dtype: str = "float32"
     param_dtype: str = "float32"  # storage dtype of parameters
     remat: bool = False  # recompute each block's activations in the backward pass to save memory
