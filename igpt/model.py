@@ -4,8 +4,9 @@ Shapes in names: B batch, T tokens in this call, S cache length, D width, H head
 V colour palette. Every parameter carries logical axis names ("vocab", "embed", "heads",
 "kv", "mlp", "layers", ...) that `igpt.sharding` maps onto a device mesh.
 
-Blocks are stacked with `nn.scan`, so parameters under "h" have a leading layer axis and the
-program compiles one block however deep the model is. `decode_step` runs the same blocks one
+Blocks are stacked with `nn.scan`, so parameters under "h" have a leading layer axis; the
+scan is unrolled on CPUs and for shallow models (`ModelConfig.layer_unroll`), and otherwise
+compiles one block however deep the model is. `decode_step` runs the same blocks one
 layer at a time over per-layer caches, for samplers that feed one token per step.
 """
 
@@ -63,6 +64,15 @@ def keep_batch_sharded(x: jax.Array) -> jax.Array:
         return x
     free = (jax.sharding.PartitionSpec.UNCONSTRAINED,) * (x.ndim - 1)
     return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(BATCH_AXES, *free))
+
+
+def target_platform() -> str:
+    """The platform ("cpu", "gpu", "tpu") of the program being traced: that of the mesh's
+    devices under `igpt.sharding.with_activation_sharding` (benchmarks/aot.py traces programs
+    for TPU chips on a CPU host), else JAX's default backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else mesh.abstract_device
+    return jax.default_backend() if device is None else device.platform
 
 
 def quick_gelu(x: jax.Array) -> jax.Array:
@@ -412,7 +422,7 @@ class ImageGPT(nn.Module):
             split_rngs={"params": True, "dropout": True},
             in_axes=(0, nn.broadcast),
             length=cfg.n_layer,
-            unroll=cfg.layer_unroll,
+            unroll=cfg.layer_unroll(target_platform()),
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(cfg, decode, deterministic, name="h")
         h, before_blocks_LxBxTxD = blocks(h, jnp.arange(cfg.n_layer), start)

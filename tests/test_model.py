@@ -1,5 +1,7 @@
 """The Flax ImageGPT model: sizes, initialisation, causality, the KV cache, dtypes."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +10,7 @@ from reference_models import random_igpt_params
 
 import igpt
 from igpt.losses import next_token_loss
+from igpt.sharding import MESH_AXES
 
 TINY = igpt.ModelConfig(n_embd=32, n_layer=3, n_head=4, n_positions=36)
 
@@ -66,14 +69,55 @@ def test_automatic_attention_blocks_are_a_quarter_of_the_sequence_within_64_to_2
 
 
 @pytest.mark.parametrize(
-    "n_layer, scan_unroll, unroll",
-    [(4, 0, 4), (12, 0, 12), (13, 0, 1), (24, 0, 1), (48, 0, 1), (4, 1, 1), (24, 4, 4)],
+    "platform, n_layer, scan_unroll, unroll",
+    [
+        ("tpu", 4, 0, 4),
+        ("gpu", 12, 0, 12),
+        ("tpu", 13, 0, 1),
+        ("gpu", 24, 0, 1),
+        ("tpu", 48, 0, 1),
+        ("cpu", 24, 0, 24),
+        ("cpu", 48, 0, 48),
+        ("cpu", 4, 1, 1),
+        ("tpu", 24, 4, 4),
+    ],
 )
-def test_automatic_unrolling_unrolls_up_to_12_layers_and_scans_deeper_models(
-    n_layer, scan_unroll, unroll
+def test_automatic_unrolling_unrolls_on_cpus_and_up_to_12_layers_elsewhere(
+    platform, n_layer, scan_unroll, unroll
 ):
     config = igpt.ModelConfig(n_layer=n_layer, scan_unroll=scan_unroll)
-    assert config.layer_unroll == unroll
+    assert config.layer_unroll(platform) == unroll
+
+
+def _scan_unrolls(jaxpr) -> list[int]:
+    """The unroll factor (iterations per loop trip) of every scan in a jaxpr, nested ones too."""
+    unrolls = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "scan":
+            unrolls.append(eqn.params["unroll"])
+        for sub in jax.core.jaxprs_in_params(eqn.params):
+            unrolls += _scan_unrolls(sub)
+    return unrolls
+
+
+def test_the_traced_program_unrolls_for_the_platform_its_mesh_is_on():
+    deep = TINY.replace(n_layer=13)
+
+    def scans(config, platform=None):
+        forward = functools.partial(
+            igpt.ImageGPT(config).apply, {"params": random_igpt_params(config)}
+        )
+        if platform is None:  # no mesh: the default backend, this CPU
+            return _scan_unrolls(jax.make_jaxpr(forward)(_ids(config)).jaxpr)
+        device = jax.sharding.AbstractDevice(device_kind="chip", num_cores=None, platform=platform)
+        mesh = jax.sharding.AbstractMesh((1, 1, 1), MESH_AXES, abstract_device=device)
+        with jax.sharding.use_abstract_mesh(mesh):  # as igpt.sharding traces a step for a mesh
+            return _scan_unrolls(jax.make_jaxpr(forward)(_ids(config)).jaxpr)
+
+    assert scans(deep) == [13]  # every block unrolled
+    assert scans(deep, "cpu") == [13]
+    assert scans(deep, "tpu") == [1]  # a plan for TPU chips traced on this CPU keeps the scan
+    assert scans(TINY, "tpu") == [3]  # shallow models are unrolled everywhere
 
 
 def test_every_parameter_has_logical_axis_names():
