@@ -10,8 +10,9 @@ float32), and one that returns bfloat16 gets the slow bfloat16 ones. Here the gr
 written out instead: the cotangent is rounded to the compute dtype, as PyTorch's autocast
 does, and each gradient product returns float32.
 
-On CPUs a dense layer's weight gradient also gets its operands in the layout XLA's fast
-kernels take (`_weight_gradient`).
+On CPUs the gradient products that contract the rows of both operands (a dense layer's weight
+gradient, attention's key and value gradients) get their operands in the layout XLA's fast
+kernels take (`_contract_rows`).
 
 In float32 these are the plain products, so float32 programs are unchanged.
 """
@@ -97,40 +98,76 @@ def _rounded_einsum_bwd(spec, dtype, residuals, g):
     x, rest = spec.split(",")
     y, z = rest.split("->")
     g = g.astype(dtype)
-    da = jnp.einsum(f"{z},{y}->{x}", g, b, preferred_element_type=jnp.float32)
-    if spec == _DENSE:
-        return da, _weight_gradient(a, g)
-    db = jnp.einsum(f"{x},{z}->{y}", a, g, preferred_element_type=jnp.float32)
-    return da, db
+    return _product(f"{z},{y}->{x}", g, b), _product(f"{x},{z}->{y}", a, g)
 
 
-def _weight_gradient(a_MxK: jax.Array, g_MxN: jax.Array) -> jax.Array:
-    """A dense layer's weight gradient, a^T g, which contracts the tokens (M).
+def _product(spec: str, p: jax.Array, q: jax.Array) -> jax.Array:
+    """`einsum(spec, p, q)` returning float32, by `_contract_rows` where `spec` contracts the
+    rows of both operands: a dense layer's weight gradient ("mk,mn->kn") and the gradients of
+    attention's keys and values ("bhtk,bhts->bhsk", "bhts,bhtk->bhsk")."""
+    (x, z), y = spec.split("->")[0].split(","), spec.split("->")[1]
+    batch = x[:-2]
+    if len(x) == len(z) == len(y) and z[:-2] == batch == y[:-2] and x[-2] == z[-2]:
+        if y[-2:] == x[-1] + z[-1]:
+            return _contract_rows(p, q)
+        if y[-2:] == z[-1] + x[-1]:
+            return _contract_rows(q, p)
+    return jnp.einsum(spec, p, q, preferred_element_type=jnp.float32)
+
+
+def _contract_rows(x_BxMxK: jax.Array, y_BxMxN: jax.Array) -> jax.Array:
+    """x^T y over any leading batch axes: (..., M, K), (..., M, N) -> (..., K, N) in float32.
 
     XLA:CPU's fast (YNNPACK) products take the left operand with the contracted axis last and
-    the right one with it first; here both have it first, and XLA runs a slower kernel: 84-126
-    GFLOP/s in bfloat16 on an AVX-512 BF16 CPU, against 250-390 once one operand is
-    transposed in memory. The narrower one is transposed, the cheaper copy. The layout
-    constraints make the transposes real ones: otherwise XLA relabels the operand's (or the
-    result's) layout instead and is back where it started. Other platforms keep the plain
-    product.
+    the right one with it first; here both have it first. For a dense layer's weight gradient
+    XLA then runs a slower kernel: 84-126 GFLOP/s in bfloat16 on an AVX-512 BF16 CPU, against
+    250-390 once one operand is transposed in memory (on an Intel Xeon with AMX, 123-178
+    against 400-850). A batched product of this form it computes in float32 instead, through
+    Eigen: at S, a third of the attention gradient's time. The narrower operand is
+    transposed, the cheaper copy. The layout constraints make the transposes real ones:
+    otherwise XLA relabels the operand's (or the result's) layout instead and is back where it
+    started. Other platforms keep the plain product.
     """
 
     def transposed_first():
-        row_major = Layout((0, 1))
-        if a_MxK.shape[1] <= g_MxN.shape[1]:
-            a_KxM = with_layout_constraint(a_MxK.T, row_major)
-            return jnp.dot(a_KxM, g_MxN, preferred_element_type=jnp.float32)
-        g_NxM = with_layout_constraint(g_MxN.T, row_major)
-        out_NxK = with_layout_constraint(
-            jnp.dot(g_NxM, a_MxK, preferred_element_type=jnp.float32), row_major
-        )
-        return out_NxK.T
+        if x_BxMxK.shape[-1] <= y_BxMxN.shape[-1]:
+            return jnp.matmul(_transposed(x_BxMxK), y_BxMxN, preferred_element_type=jnp.float32)
+        out_BxNxK = jnp.matmul(_transposed(y_BxMxN), x_BxMxK, preferred_element_type=jnp.float32)
+        return jnp.swapaxes(_row_major(out_BxNxK), -1, -2)
 
     def plain():
-        return jnp.einsum("mk,mn->kn", a_MxK, g_MxN, preferred_element_type=jnp.float32)
+        return jnp.einsum(
+            "...mk,...mn->...kn", x_BxMxK, y_BxMxN, preferred_element_type=jnp.float32
+        )
 
     return jax.lax.platform_dependent(cpu=transposed_first, default=plain)
+
+
+def _transposed(x: jax.Array) -> jax.Array:
+    """`x` with its last two axes swapped in memory (on CPUs, where it is called)."""
+    return _row_major(jnp.swapaxes(x, -1, -2))
+
+
+def _row_major(x: jax.Array) -> jax.Array:
+    """`x` laid out in memory as its shape reads, for XLA:CPU; call it only where the program
+    runs on CPUs (under `jax.lax.platform_dependent`)."""
+    return with_layout_constraint(x, Layout(tuple(range(x.ndim))))
+
+
+def in_memory(x: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """`x`, a transposed array that products in `dtype` will read, transposed in memory on
+    CPUs when `dtype` is not float32.
+
+    XLA folds a transpose into the layout in which the products that read it take their
+    operand, and XLA:CPU has no bfloat16 kernel for some such layouts: it computes those
+    products in float32. At S, the attention of the last block of queries (whose keys and
+    values are not sliced, which would copy them) ran in float32 so, 40% of the attention's
+    products; with the transpose in memory, the attention's forward and backward pass took
+    35-40% less time. float32 products have no such fallback and are left as they are.
+    """
+    if jnp.dtype(dtype) == jnp.float32:
+        return x
+    return jax.lax.platform_dependent(x, cpu=_row_major, default=lambda x: x)
 
 
 _rounded_einsum.defvjp(_rounded_einsum_fwd, _rounded_einsum_bwd)

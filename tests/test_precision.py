@@ -60,28 +60,78 @@ def test_every_product_of_the_gradient_reads_bfloat16_and_returns_float32(spec, 
 
     jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(_normal(0, a_shape), _normal(1, b_shape))
     products = [e for e in _equations(jaxpr.jaxpr) if e.primitive.name == "dot_general"]
-    # The forward product and the two gradient products; a dense layer's weight gradient has
-    # a CPU form and the other platforms' one.
-    assert len(products) == (4 if spec == "mk,kn->mn" else 3)
+    # The forward product and the two gradient products; the one that contracts the rows of
+    # both operands (a weight gradient, attention's key and value gradients) has a CPU form and
+    # the other platforms' one.
+    assert len(products) == 4
     for e in products:
         assert [v.aval.dtype for v in e.invars] == [BF16, BF16], e
         assert e.outvars[0].aval.dtype == jnp.float32, e
 
 
-@pytest.mark.parametrize("a_shape, b_shape", [((64, 16), (16, 32)), ((64, 32), (32, 16))])
-def test_on_cpu_every_dense_gradient_product_contracts_rows_with_columns(a_shape, b_shape):
-    # XLA:CPU's fast bfloat16 kernels take the left operand with its contracted axis last; the
-    # weight gradient contracts the tokens, which both operands have first, so one of them
-    # must be transposed in memory (2.5-4x faster products). Without the layout constraint,
-    # XLA relabels the transposed operand's layout instead and contracts its first axis.
+# Large enough for XLA:CPU's fast kernels; each product transposes either operand.
+KERNEL_SHAPES = [
+    ("mk,kn->mn", (64, 16), (16, 32)),
+    ("mk,kn->mn", (64, 32), (32, 16)),
+    ("bhtk,bhsk->bhts", (2, 3, 32, 16), (2, 3, 48, 16)),
+    ("bhtk,bhsk->bhts", (2, 3, 32, 64), (2, 3, 48, 64)),
+    ("bhts,bhsk->bhtk", (2, 3, 32, 48), (2, 3, 48, 16)),
+    ("bhts,bhsk->bhtk", (2, 3, 32, 48), (2, 3, 48, 64)),
+]
+
+
+@pytest.mark.parametrize("spec, a_shape, b_shape", KERNEL_SHAPES)
+def test_on_cpu_every_gradient_product_contracts_rows_with_columns(spec, a_shape, b_shape):
+    # XLA:CPU's fast bfloat16 kernels take the left operand with its contracted axis last. A
+    # weight gradient contracts the tokens, which both operands have first, and so do the key
+    # and value gradients of attention: one of the operands must be transposed in memory
+    # (2.5-4x faster weight gradients; batched products XLA would otherwise compute in
+    # float32). Without the layout constraint, XLA relabels the transposed operand's layout
+    # instead and contracts its first axis.
     def loss(a, b):
-        return jnp.sum(jnp.square(precision.einsum("mk,kn->mn", a, b, BF16)))
+        return jnp.sum(jnp.square(precision.einsum(spec, a, b, BF16)))
 
     grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
     hlo = grad.lower(_normal(0, a_shape), _normal(1, b_shape)).compile().as_text()
     contracted = re.findall(r" dot\(.*?lhs_contracting_dims=\{(\d+)\}", hlo)
     assert len(contracted) == 3, hlo
-    assert contracted == ["1"] * 3, hlo
+    assert contracted == [str(len(a_shape) - 1)] * 3, hlo
+
+
+def dot_operand_types(hlo: str) -> list[tuple[str, ...]]:
+    """The element types of the operands of every dot in a compiled module's text."""
+    types = []
+    for computation in hlo.split("\n\n"):
+        defined = dict(re.findall(r"%([\w.\-]+) = (\w+)\[", computation))
+        for lhs, rhs in re.findall(r" dot\(%([\w.\-]+), %([\w.\-]+)\)", computation):
+            types.append((defined[lhs], defined[rhs]))
+    return types
+
+
+def test_on_cpu_a_bfloat16_train_step_computes_every_product_in_bfloat16():
+    # XLA folds the transpose of the heads next to the batch into the layout in which the
+    # attention products read an unsliced operand (a block's keys and values reach back to the
+    # first position), and XLA:CPU had no bfloat16 kernel for that layout: it computed those
+    # products in float32, half or more of the attention's products in the research models.
+    # Each block of queries of this model reads its keys unsliced in one of its products.
+    from reference_models import random_igpt_params
+
+    import igpt
+    from igpt.losses import next_token_loss
+
+    config = igpt.ModelConfig(
+        n_embd=32, n_layer=2, n_head=4, n_positions=64, query_block=32, dtype="bfloat16"
+    )
+    model = igpt.ImageGPT(config)
+    ids = jnp.zeros((2, config.n_positions), jnp.int32)
+
+    def loss(params):
+        return next_token_loss(model.apply({"params": params}, ids).logits, ids)
+
+    hlo = jax.jit(jax.grad(loss)).lower(random_igpt_params(config)).compile().as_text()
+    types = dot_operand_types(hlo)
+    assert len(types) >= 3 * 2 * 4 * 2, hlo  # 3 products per matrix product, 4 attention ones
+    assert set(types) == {("bf16", "bf16")}, types
 
 
 def _equations(jaxpr):
