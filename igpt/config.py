@@ -63,10 +63,11 @@ class ModelConfig:
     # on CPUs every block; elsewhere every block of models of up to 12 layers (the research
     # sizes) and the scan for deeper ones, the released S/M/L. On 2-core CPUs unrolled d=128
     # models trained 19-24% faster at 4 layers, 24-34% at 8 and 4-27% at 12, the 8-layer d=256
-    # `mini` 15-21%; S 30% faster in float32 and 71% in bfloat16, where the scan's stacked
-    # residuals are copied whole every layer (Intel Xeon with AMX; 8% in float32 on an AMD EPYC),
-    # for 5 s more compilation. Unrolled, XLA keeps more temporaries: 13-17% more for mini and
-    # cifar-small at batch 8, 5% more for S at batch 2 in float32 and 13% fewer in bfloat16.
+    # `mini` 15-21%; S 30% faster in float32 and 71% in bfloat16 (Intel Xeon with AMX; 8% in
+    # float32 on an AMD EPYC), where writing each layer's residuals into the scan's stacks took
+    # as long as copying them whole, for 2.5-5 s more compilation. Unrolled, XLA keeps more
+    # temporaries: 13-17% more for mini and cifar-small at batch 8, 5% more for S at batch 2 in
+    # float32 and 13% fewer in bfloat16.
     scan_unroll: int = 0
     # Queries per block of training-length attention (a causal block reads keys only up to its
     # own end). A speed setting, not the maths. 0 stands for a quarter of the sequence (four

@@ -3,6 +3,7 @@
 import functools
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -95,7 +96,7 @@ def _scan_unrolls(jaxpr) -> list[int]:
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "scan":
             unrolls.append(eqn.params["unroll"])
-        for sub in jax.core.jaxprs_in_params(eqn.params):
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
             unrolls += _scan_unrolls(sub)
     return unrolls
 

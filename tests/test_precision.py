@@ -98,7 +98,7 @@ def test_on_cpu_every_gradient_product_contracts_rows_with_columns(spec, a_shape
     assert contracted == [str(len(a_shape) - 1)] * 3, hlo
 
 
-def dot_operand_types(hlo: str) -> list[tuple[str, ...]]:
+def _dot_operand_types(hlo: str) -> list[tuple[str, ...]]:
     """The element types of the operands of every dot in a compiled module's text."""
     types = []
     for computation in hlo.split("\n\n"):
@@ -112,8 +112,8 @@ def test_on_cpu_a_bfloat16_train_step_computes_every_product_in_bfloat16():
     # XLA folds the transpose of the heads next to the batch into the layout in which the
     # attention products read an unsliced operand (a block's keys and values reach back to the
     # first position), and XLA:CPU had no bfloat16 kernel for that layout: it computed those
-    # products in float32, half or more of the attention's products in the research models.
-    # Each block of queries of this model reads its keys unsliced in one of its products.
+    # products in float32, up to half of the attention's products in the research models. The
+    # second of this model's two blocks of queries reads every key and value, unsliced.
     from reference_models import random_igpt_params
 
     import igpt
@@ -129,7 +129,7 @@ def test_on_cpu_a_bfloat16_train_step_computes_every_product_in_bfloat16():
         return next_token_loss(model.apply({"params": params}, ids).logits, ids)
 
     hlo = jax.jit(jax.grad(loss)).lower(random_igpt_params(config)).compile().as_text()
-    types = dot_operand_types(hlo)
+    types = _dot_operand_types(hlo)
     assert len(types) >= 3 * 2 * 4 * 2, hlo  # 3 products per matrix product, 4 attention ones
     assert set(types) == {("bf16", "bf16")}, types
 
