@@ -7,12 +7,14 @@ training loop as a whole against its bare step.
     python -m benchmarks --d 128 --layers 4 --heads 4 --side 16 --mode sample --vs-hf
     python -m benchmarks --d 128 --layers 4 --heads 4 --side 14 --batch 64 --mode loop
     python -m benchmarks --mode train,sample --vs-hf --dtype bfloat16
+    python -m benchmarks --d 128 --layers 4 --heads 4 --side 14 --batch 64 --mode train --profile
 
 Every measurement reports tokens/s (images/s for tokenize) and, for the model modes, the
 achieved FLOP/s from `igpt.flops.forward_flops` and its fraction of the matmul peak measured in
 this run; sampling also reports the memory-bandwidth limit of this machine (the measured read
 bandwidth over the bytes a decode step must read) and its fraction. It prints one JSON line
-per measurement, then a table.
+per measurement, then a table. `--profile` also splits igpt's forward pass and train step
+into where their time goes (`benchmarks/profile.py`).
 Compile or first-call time is reported apart from the steady state. When both implementations
 run, their timed calls alternate, so a change in machine load hits both alike.
 """
@@ -36,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from benchmarks.profile import profile
 from igpt import data as data_lib
 from igpt.config import ModelConfig
 from igpt.flops import forward_flops, measure_matmul_peak
@@ -51,12 +54,13 @@ BETAS = (0.9, 0.95)  # the paper's Adam betas
 @dataclasses.dataclass
 class Case:
     """One thing to time: `run()` does one blocking call of `work` units (tokens or images)
-    worth `flops` FLOPs."""
+    worth `flops` FLOPs; `hlo()`, where given, is the optimized HLO text of what it runs."""
 
     impl: str  # "igpt" or "transformers"
     run: Callable[[], object]
     work: int
     flops: int = 0
+    hlo: Callable[[], str] | None = None
 
 
 def measure_bandwidth(mbytes: int = 256, repeats: int = 20) -> float:
@@ -116,6 +120,7 @@ def igpt_forward(config: ModelConfig, params: dict, batch: int) -> Case:
         lambda: forward(params, ids).block_until_ready(),
         batch * config.n_positions,
         batch * forward_flops(config, config.n_positions),
+        hlo=lambda: forward.lower(params, ids).compile().as_text(),
     )
 
 
@@ -143,8 +148,11 @@ def igpt_train(config: ModelConfig, params: dict, batch: int) -> Case:
         state[0], loss = step(state[0], ids)
         return loss.block_until_ready()
 
+    def hlo():
+        return step.lower(state[0], ids).compile().as_text()
+
     flops = 3 * batch * forward_flops(config, config.n_positions)
-    return Case("igpt", run, batch * config.n_positions, flops)
+    return Case("igpt", run, batch * config.n_positions, flops, hlo)
 
 
 def igpt_sample(config: ModelConfig, params: dict, batch: int, tokens: int, top_k: int) -> Case:
@@ -309,6 +317,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per case")
     parser.add_argument("--vs-hf", action="store_true", help="also run transformers (PyTorch)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also split igpt's forward and train time by part (CPU only)",
+    )
     parser.add_argument("--json", help="also append the JSON lines to this file")
     args = parser.parse_args(argv)
     modes = [m.strip() for m in args.mode.split(",") if m.strip()]
@@ -417,6 +430,11 @@ def run(args: argparse.Namespace, emit: Callable[[dict], None]) -> list[dict]:
             )
             records.append(ratio)
             emit(ratio)
+        if args.profile and mode in ("forward", "train"):
+            record = dict(mode="profile", of=mode, batch=batch, **shape, dtype=args.dtype)
+            record.update(profile(cases[0].run, cases[0].hlo()))
+            records.append(record)
+            emit(record)
     return records
 
 
@@ -432,6 +450,9 @@ def format_table(records: list[dict]) -> str:
         f"{'best s':>8} {'warm-up s':>9} {'ratio':>6} {'limit/s':>9} {'% limit':>7}",
     ]
     for r in records[1:]:
+        if r["mode"] == "profile":
+            lines.append(_profile_line(r))
+            continue
         if "ratio" in r:
             ratio = f"{r['ratio']:.2f}"
             lines.append(f"{r['mode']:9} {r['batch']:>5} {r['impl']:18} {'':>47} {ratio:>6}")
@@ -448,6 +469,19 @@ def format_table(records: list[dict]) -> str:
             f" {gflops:>8} {peak:>7} {r['best_s']:>8.3f} {warmup}{limit}"
         )
     return "\n".join(lines)
+
+
+def _profile_line(r: dict) -> str:
+    """'profile (train, batch 8): wall 0.152 s, overlap 1.28, gaps 2%; kernel ms: dense
+    products 68.3 (35%, 153 GFLOP/s), ...'"""
+    parts = []
+    for p in r["parts"]:
+        rate = f", {p['flops_per_s'] / 1e9:.0f} GFLOP/s" if p["flops"] else ""
+        parts.append(f"{p['part']} {1e3 * p['kernel_s']:.1f} ({100 * p['share']:.0f}%{rate})")
+    return (
+        f"profile ({r['of']}, batch {r['batch']}): wall {r['wall_s']:.3f} s, overlap "
+        f"{r['overlap']:.2f}, gaps {100 * r['gaps']:.0f}%; kernel ms: " + ", ".join(parts)
+    )
 
 
 def main(argv=None) -> int:

@@ -112,6 +112,29 @@ def test_loop_mode_takes_the_bare_steps_best_quarter(capsys, monkeypatch):
     assert records[2]["impl"] == "igpt step" and records[2]["best_s"] == 1.0
 
 
+def test_profile_finds_every_product_of_the_forward_pass_and_the_train_step(capsys):
+    records, table = _records(capsys, TINY_ARGS + ["--mode", "forward,train", "--profile"])
+    profiles = {r["of"]: r for r in records if r["mode"] == "profile"}
+    assert set(profiles) == {"forward", "train"}
+    # From the architecture, not the HLO: per token, the dense layers' d*3d + d*d + 2*d*f
+    # multiply-adds and the head's d*V; attention's scores and values, 2 * d * 16 each over
+    # all 16 keys (16 queries make one block, which scores the masked keys too).
+    d, f, v, t, batch = 32, 4 * 32, 512, 16, 2
+    dense = batch * t * 2 * (4 * d * d + 2 * d * f + d * v)
+    attention = batch * t * 2 * (2 * d * t)
+    for of, passes in (("forward", 1), ("train", 3)):  # a backward pass does two forwards' work
+        parts = {p["part"]: p for p in profiles[of]["parts"]}
+        assert list(parts) == ["dense products", "attention products", "attention, other",
+                               "the rest"]  # fmt: skip
+        assert parts["dense products"]["flops"] == passes * dense
+        assert parts["attention products"]["flops"] == passes * attention
+        assert parts["attention, other"]["flops"] == parts["the rest"]["flops"] == 0
+        assert all(p["kernel_s"] > 0 for p in parts.values())
+        assert sum(p["share"] for p in parts.values()) == pytest.approx(1, abs=3e-3)
+        assert profiles[of]["wall_s"] > 0 and 0 <= profiles[of]["gaps"] < 1
+    assert "profile (train, batch 2)" in table
+
+
 def test_bfloat16_runs_on_both_sides(capsys):
     argv = TINY_ARGS + ["--mode", "train", "--vs-hf", "--dtype", "bfloat16"]
     records, _ = _records(capsys, argv)
