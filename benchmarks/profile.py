@@ -52,7 +52,10 @@ class Instruction:
 
 def parse_hlo(text: str) -> tuple[dict[str, Instruction], dict[str, list[str]]]:
     """The instructions of an optimized HLO module's text (`compiled.as_text()`) by name
-    (names are unique in a module), and the instruction names of each computation."""
+    (names are unique in a module), and the instruction names of each computation.
+
+    The text, because jaxlib's HloModule bindings give no shapes, metadata or called
+    computations, and the HLO proto's schema does not ship with jaxlib."""
     instructions, computations, current = {}, {}, None
     for line in text.splitlines():
         if head := _COMPUTATION.match(line):
