@@ -311,6 +311,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--query-block", type=int, default=0, help="igpt's model.query_block (0: automatic)"
     )
+    parser.add_argument(
+        "--attention",
+        default="auto",
+        choices=["auto", "xla", "dot_product"],
+        help="igpt's model.attention (auto: the fused CPU kernel in float32 on CPUs)",
+    )
     parser.add_argument("--sample-tokens", type=int, help="tokens per sample (default: all)")
     parser.add_argument("--top-k", type=int, default=64, help="top-k of both samplers")
     parser.add_argument("--images", type=int, default=512, help="images per tokenize call")
@@ -340,7 +346,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def config_from_args(args: argparse.Namespace) -> ModelConfig:
     """The preset with any explicit size overrides."""
-    overrides = dict(dtype=args.dtype, scan_unroll=args.scan_unroll, query_block=args.query_block)
+    overrides = dict(
+        dtype=args.dtype,
+        scan_unroll=args.scan_unroll,
+        query_block=args.query_block,
+        attention=args.attention,
+    )
     for flag, field in (("d", "n_embd"), ("layers", "n_layer"), ("heads", "n_head")):
         if getattr(args, flag) is not None:
             overrides[field] = getattr(args, flag)
@@ -476,6 +487,8 @@ def _profile_line(r: dict) -> str:
     products 68.3 (35%, 153 GFLOP/s), ...'"""
     parts = []
     for p in r["parts"]:
+        if not p["kernel_s"]:  # the attention parts a program does not use
+            continue
         rate = f", {p['flops_per_s'] / 1e9:.0f} GFLOP/s" if p["flops"] else ""
         parts.append(f"{p['part']} {1e3 * p['kernel_s']:.1f} ({100 * p['share']:.0f}%{rate})")
     return (

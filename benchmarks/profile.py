@@ -1,7 +1,8 @@
-"""Where a compiled program's time goes on CPUs, in four parts: the dense products (qkv,
-output projection, MLP, logit head), attention's products (scores and values), attention's
-other operations (masking, softmax, the copies and transposes around its products) and the
-rest (norms, activations, loss, optimizer).
+"""Where a compiled program's time goes on CPUs, in five parts: the dense products (qkv,
+output projection, MLP, logit head), igpt's fused CPU attention kernel (where the program
+uses it), XLA's attention: its products (scores and values) and its other operations
+(masking, softmax, the copies and transposes around its products), and the rest (norms,
+activations, loss, optimizer).
 
 XLA:CPU runs a compiled program as a graph of thunks, one per fused kernel or library call,
 and names each thunk's profiler event after its HLO instruction. So a `jax.profiler` trace
@@ -24,7 +25,13 @@ from collections.abc import Callable
 import jax
 from jax.profiler import ProfileData
 
-PARTS = ("dense products", "attention products", "attention, other", "the rest")
+PARTS = ("dense products", "attention kernel", "attention products", "attention, other", "the rest")
+
+# igpt's fused attention (igpt/attention_kernel.py): its custom-call targets, and the products
+# each computes over every (query, key) pair a query reads: the forward pass scores and
+# values; the backward pass scores again, the probabilities' gradient, and the queries',
+# keys' and values' gradients.
+_KERNEL_PRODUCTS = {"igpt_attention_forward": 2, "igpt_attention_backward": 5}
 
 # Instructions whose thunks contain other thunks: their events would count those twice.
 _CONTAINERS = {"while", "conditional", "call"}
@@ -121,9 +128,22 @@ def product_flops(name: str, instructions: dict, computations: dict) -> int:
     )
 
 
+def kernel_flops(inst: Instruction) -> int | None:
+    """FLOPs of a call of igpt's attention kernel, from its (B, T, 3, H, K) operand and its
+    causal attribute; None for any other instruction."""
+    target = re.search(r'custom_call_target="([^"]*)"', inst.attributes)
+    if inst.opcode != "custom-call" or not target or target.group(1) not in _KERNEL_PRODUCTS:
+        return None
+    found = re.search(r"operand_layout_constraints=\{f32\[([\d,]*)\]", inst.attributes)
+    b, t, _, h, k = (int(d) for d in found.group(1).split(","))
+    pairs = t * (t + 1) // 2 if re.search(r"causal = 1\b", inst.attributes) else t * t
+    return _KERNEL_PRODUCTS[target.group(1)] * b * h * pairs * 2 * k
+
+
 def part_of(op_name: str, flops: int) -> str:
-    """The part of the model an instruction belongs to, from its op_name: igpt's attention
-    runs inside the `Attention._attend` methods (`attn._attend`, `attn._attend_with_cache`)."""
+    """The part of the model an instruction belongs to, from its op_name: igpt's XLA
+    attention runs inside the `Attention._attend` methods (`attn._attend`,
+    `attn._attend_with_cache`)."""
     attention = "attn._attend" in op_name
     if flops:
         return "attention products" if attention else "dense products"
@@ -163,7 +183,7 @@ def _covered_ns(intervals: list[tuple[float, float]]) -> float:
 
 
 def profile(run: Callable[[], object], hlo_text: str, calls: int = 3) -> dict:
-    """The four parts' kernel time per call of `run`, a compiled program whose optimized HLO
+    """The five parts' kernel time per call of `run`, a compiled program whose optimized HLO
     is `hlo_text`, with the FLOP/s of their products; the wall time of a call; `overlap`, the
     kernel time over the wall time (above 1 where independent kernels ran at once); and
     `gaps`, the fraction of the wall time in which no kernel ran (the executor's own work).
@@ -183,8 +203,12 @@ def profile(run: Callable[[], object], hlo_text: str, calls: int = 3) -> dict:
         inst = instructions.get(name)
         if inst is None or inst.opcode in _CONTAINERS:  # executor events, async ends, loops
             continue
-        flops = product_flops(name, instructions, computations)
-        part = parts[part_of(inst.op_name, flops)]
+        flops = kernel_flops(inst)
+        if flops is None:
+            flops = product_flops(name, instructions, computations)
+            part = parts[part_of(inst.op_name, flops)]
+        else:
+            part = parts["attention kernel"]
         part["kernel_s"] += (end - start) / 1e9 / calls
         part["flops"] += flops / calls
         intervals.append((start, end))

@@ -77,9 +77,11 @@ class ModelConfig:
     # score blocks); at 529 tokens blocks of 128 were 2-5% faster than 64 and 3-15% than 256;
     # S at 1,024 tokens trained 13% slower in blocks of 64 than of 256.
     query_block: int = 0
-    # "xla": igpt's blockwise attention; "dot_product": jax.nn.dot_product_attention,
-    # cuDNN's fused kernel on GPUs (no attention dropout or inverse-layer scaling there).
-    attention: str = "xla"
+    # "auto": igpt's fused CPU kernel (igpt/attention_kernel.cc, built on first use) for
+    # float32 programs on CPUs without attention dropout, else "xla"; "xla": igpt's blockwise
+    # attention in XLA; "dot_product": jax.nn.dot_product_attention, cuDNN's fused kernel on
+    # GPUs (no attention dropout or inverse-layer scaling there).
+    attention: str = "auto"
     # The pretraining objective (paper section 2.1): "ar" predicts each pixel from the ones
     # before it (causal attention, SOS first); "bert" predicts masked pixels from all the
     # others (no causal mask, no SOS; see igpt.losses.bert_masks).
@@ -98,8 +100,8 @@ class ModelConfig:
         for name in ("attn_pdrop", "resid_pdrop", "embd_pdrop"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 problems.append(f"{name}={getattr(self, name)} must be in [0, 1)")
-        if self.attention not in ("xla", "dot_product"):
-            problems.append(f"attention={self.attention!r} is not 'xla' or 'dot_product'")
+        if self.attention not in ("auto", "xla", "dot_product"):
+            problems.append(f"attention={self.attention!r} is not 'auto', 'xla' or 'dot_product'")
         if self.attention == "dot_product" and (
             self.attn_pdrop or self.scale_attn_by_inverse_layer_idx
         ):

@@ -12,6 +12,7 @@ layer at a time over per-layer caches, for samplers that feed one token per step
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -21,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from igpt import precision
+from igpt import attention_kernel, precision
 from igpt.config import ModelConfig
 
 _normal = nn.initializers.normal
@@ -156,7 +157,10 @@ class Attention(nn.Module):
             if self.decode:  # creating the cache: its length is that of these ids
                 self.variable("cache", "key", jnp.zeros, _keys_layout(k_BxTxHxK).shape, dtype)
                 self.variable("cache", "value", jnp.zeros, _values_layout(v_BxTxHxK).shape, dtype)
-            out_BxTxHxK = self._attend(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, scale)
+            if self._use_kernel():
+                out_BxTxHxK = _kernel_attention(qkv, scale, cfg.causal)
+            else:
+                out_BxTxHxK = self._attend(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, scale)
         c_proj = nn.DenseGeneral(
             d,
             axis=(-2, -1),
@@ -171,6 +175,19 @@ class Attention(nn.Module):
             name="c_proj",
         )
         return _tokens_2d(c_proj, out_BxTxHxK, feature_axes=2)
+
+    def _use_kernel(self) -> bool:
+        """Whether this call's attention runs in igpt's fused CPU kernel (`attention="auto"`):
+        in float32 programs for CPUs without attention dropout, where the kernel builds and
+        takes the heads' width."""
+        cfg = self.config
+        return (
+            cfg.attention == "auto"
+            and target_platform() == "cpu"
+            and cfg.compute_dtype == jnp.float32
+            and (self.deterministic or not cfg.attn_pdrop)
+            and attention_kernel.available(cfg.head_dim)
+        )
 
     def _probs(self, scores_BxHxTxS, allowed_TxS, scale) -> jax.Array:
         # Scores and softmax in float32 whatever the compute dtype: bf16 logits lose the
@@ -243,6 +260,26 @@ class Attention(nn.Module):
         probs = self._probs(jnp.concatenate([old_scores, new_scores], -1), allowed_TxS, scale)
         out = precision.einsum("bhts,bhsk->bthk", probs[..., :s], old_v_BxHxSxK, dtype)
         return out + precision.einsum("bhtu,bhuk->bthk", probs[..., s:], new_v_BxHxTxK, dtype)
+
+
+def _kernel_attention(qkv_BxTx3xHxK: jax.Array, scale, causal: bool) -> jax.Array:
+    """`attention_kernel.attention`; under a device mesh, run by each device on its rows of
+    the batch (and its heads, where the mesh splits them), since XLA cannot partition a custom
+    call. The custom call's results carry no record of varying over the mesh axes, which
+    shard_map's checks would ask of the gradient (`check_vma`)."""
+    attend = functools.partial(attention_kernel.attention, causal=causal)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return attend(qkv_BxTx3xHxK, scale)
+    heads = "tensor" if qkv_BxTx3xHxK.shape[3] % mesh.shape["tensor"] == 0 else None
+    P = jax.sharding.PartitionSpec
+    return jax.shard_map(
+        attend,
+        mesh=mesh,
+        in_specs=(P(BATCH_AXES, None, None, heads), P()),
+        out_specs=P(BATCH_AXES, None, heads),
+        check_vma=False,
+    )(qkv_BxTx3xHxK, jnp.asarray(scale, jnp.float32))
 
 
 def _keys_layout(k_BxTxHxK: jax.Array) -> jax.Array:

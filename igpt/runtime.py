@@ -80,15 +80,23 @@ def compile_ahead_environment(argv: list[str]) -> None:
 COMPILATION_CACHE_BYTES = 2 << 30
 
 
-def _host_cpu() -> str:
+def host_cpu() -> str:
     """The host's architecture and a digest of its CPU flags. JAX's cache keys leave the CPU
     out, and XLA refuses (and recompiles) a CPU program built with instructions the host lacks,
-    so machines that share a home directory but not a CPU keep separate caches."""
+    so machines that share a home directory but not a CPU keep separate caches (of programs,
+    and of igpt's kernels built for the host CPU)."""
     flags = ""
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
             flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
     return f"{platform.machine()}-{hashlib.sha256(flags.encode()).hexdigest()[:12]}"
+
+
+def cache_dir(kind: str) -> str:
+    """`$XDG_CACHE_HOME/igpt/<kind>/<cpu>` (default `~/.cache/...`): where igpt keeps what it
+    builds for this host's CPU."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "igpt", kind, host_cpu())
 
 
 def use_compilation_cache() -> None:
@@ -102,6 +110,5 @@ def use_compilation_cache() -> None:
         return
     import jax
 
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    jax.config.update("jax_compilation_cache_dir", os.path.join(base, "igpt", "xla", _host_cpu()))
+    jax.config.update("jax_compilation_cache_dir", cache_dir("xla"))
     jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_BYTES)

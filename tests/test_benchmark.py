@@ -112,25 +112,38 @@ def test_loop_mode_takes_the_bare_steps_best_quarter(capsys, monkeypatch):
     assert records[2]["impl"] == "igpt step" and records[2]["best_s"] == 1.0
 
 
-def test_profile_finds_every_product_of_the_forward_pass_and_the_train_step(capsys):
-    records, table = _records(capsys, TINY_ARGS + ["--mode", "forward,train", "--profile"])
+@pytest.mark.parametrize("attention", ["auto", "xla"])
+def test_profile_finds_every_product_of_the_forward_pass_and_the_train_step(capsys, attention):
+    argv = TINY_ARGS + ["--mode", "forward,train", "--profile", "--attention", attention]
+    records, table = _records(capsys, argv)
     profiles = {r["of"]: r for r in records if r["mode"] == "profile"}
     assert set(profiles) == {"forward", "train"}
     # From the architecture, not the HLO: per token, the dense layers' d*3d + d*d + 2*d*f
-    # multiply-adds and the head's d*V; attention's scores and values, 2 * d * 16 each over
-    # all 16 keys (16 queries make one block, which scores the masked keys too).
+    # multiply-adds and the head's d*V. XLA's attention: scores and values, 2 * d * 16 each
+    # over all 16 keys (16 queries make one block, which scores the masked keys too). The
+    # kernel: 2 * d per (query, key) pair a query reads (16 * 17 / 2 of them) for each product,
+    # 2 forward and 5 backward.
     d, f, v, t, batch = 32, 4 * 32, 512, 16, 2
     dense = batch * t * 2 * (4 * d * d + 2 * d * f + d * v)
-    attention = batch * t * 2 * (2 * d * t)
-    for of, passes in (("forward", 1), ("train", 3)):  # a backward pass does two forwards' work
+    xla_attention = batch * t * 2 * (2 * d * t)
+    kernel_product = batch * (t * (t + 1) // 2) * 2 * d
+    for of, passes, kernel_products in (("forward", 1, 2), ("train", 3, 7)):
         parts = {p["part"]: p for p in profiles[of]["parts"]}
-        assert list(parts) == ["dense products", "attention products", "attention, other",
-                               "the rest"]  # fmt: skip
+        assert list(parts) == ["dense products", "attention kernel", "attention products",
+                               "attention, other", "the rest"]  # fmt: skip
         assert parts["dense products"]["flops"] == passes * dense
-        assert parts["attention products"]["flops"] == passes * attention
-        assert parts["attention, other"]["flops"] == parts["the rest"]["flops"] == 0
-        assert all(p["kernel_s"] > 0 for p in parts.values())
-        assert sum(p["share"] for p in parts.values()) == pytest.approx(1, abs=3e-3)
+        if attention == "auto":
+            assert parts["attention kernel"]["flops"] == kernel_products * kernel_product
+            unused = ("attention products", "attention, other")
+        else:
+            assert parts["attention products"]["flops"] == passes * xla_attention
+            assert parts["attention, other"]["flops"] == 0
+            unused = ("attention kernel",)
+        assert parts["the rest"]["flops"] == 0
+        assert all(parts[p]["kernel_s"] == parts[p]["flops"] == 0 for p in unused)
+        used = [p for p in parts.values() if p["part"] not in unused]
+        assert all(p["kernel_s"] > 0 for p in used)
+        assert sum(p["share"] for p in used) == pytest.approx(1, abs=3e-3)
         assert profiles[of]["wall_s"] > 0 and 0 <= profiles[of]["gaps"] < 1
     assert "profile (train, batch 2)" in table
 

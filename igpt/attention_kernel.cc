@@ -1,0 +1,475 @@
+// igpt's fused attention for CPUs: an XLA FFI custom call (forward and backward), float32.
+//
+// Why: on 2-core CPUs XLA ran attention's batched products of 32- and 64-wide heads at a fifth
+// to a third of the dense products' rate, and spent as long again on the mask, softmax and the
+// copies and transposes around them: 43-50% of a d=128 train step's kernel time for 13-16% of
+// its FLOPs (`python -m benchmarks --profile`). Here each (batch, head) pair is one task, whose
+// working set (its keys and values, one block of queries' scores) stays in the core's cache.
+//
+// The maths is flash attention's: the forward pass keeps each query's log-sum-exp of its
+// scaled scores, and the backward pass recomputes the probabilities from it instead of storing
+// them. Layouts are the model's own: queries, keys and values are read from the query-key-value
+// projection's output as it is, (B, T, 3, H, K), the output is written as (B, T, H, K) for the
+// output projection, and the gradient as (B, T, 3, H, K) for the projection's backward pass, so
+// no transposes, slices or concatenations surround the call.
+//
+// Built by igpt/attention_kernel.py with the host compiler for the host CPU (-march=native);
+// the vectors are GCC's generic vector extensions, one register wide.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// Floats per vector: one AVX-512 register, else one AVX2 one.
+#ifdef __AVX512F__
+constexpr int W = 16;
+#else
+constexpr int W = 8;
+#endif
+typedef float vf __attribute__((vector_size(W * sizeof(float))));
+typedef int32_t vi __attribute__((vector_size(W * sizeof(float))));
+
+inline vf load(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+inline vf splat(float x) { return vf{} + x; }
+inline float hsum(vf v) {
+  float s = 0.f;
+  for (int i = 0; i < W; ++i) s += v[i];
+  return s;
+}
+inline float hmax(vf v) {
+  float m = v[0];
+  for (int i = 1; i < W; ++i) m = std::max(m, v[i]);
+  return m;
+}
+
+// exp with about 2 ulp of error over [-87, 88] (inputs outside are clamped): e^x = 2^n e^r
+// with n = round(x / ln 2) and a degree-7 polynomial for e^r (Cephes' expf coefficients).
+inline vf vexp(vf x) {
+  x = x < splat(-87.f) ? splat(-87.f) : x;
+  x = x > splat(88.f) ? splat(88.f) : x;
+  const vf round = splat(12582912.f);  // 1.5 * 2^23: adding it rounds to an integer
+  vf n = (x * 1.44269504088896341f + round) - round;
+  vf r = x - n * 0.693359375f + n * 2.12194440e-4f;  // ln 2 in two parts, for accuracy
+  vf p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
+  vf two_n;
+  std::memcpy(&two_n, &bits, sizeof two_n);
+  return p * two_n;
+}
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// The shapes of one call. Row strides are in floats.
+struct Dims {
+  int64_t B, T, H, K;
+  int64_t Tp;  // T rounded up to whole vectors
+  bool causal;
+  int64_t qkv_row() const { return 3 * H * K; }
+  int64_t out_row() const { return H * K; }
+  // The last key a query at position t may read, + 1.
+  int64_t limit(int64_t t) const { return causal ? t + 1 : T; }
+};
+
+constexpr int BR = 32;  // queries per block: their scores, BR x Tp floats, stay in the L2 cache
+constexpr int RT = 8;   // rows of one score tile: 8 x 2 vectors of accumulators
+
+// scores[r][c] = sum_k a[r][k] * bt[k][c] for rows r < RT of `a` (rows of K floats) and columns
+// c in [c0, c0 + CV * W) of `bt` (K rows of ld floats).
+template <int CV>
+inline void score_tile(const float* a, const float* bt, int64_t ld, int64_t K, int64_t c0,
+                       float* scores, int64_t ld_scores) {
+  vf acc[RT][CV] = {};
+  for (int64_t k = 0; k < K; ++k) {
+    vf b[CV];
+    for (int j = 0; j < CV; ++j) b[j] = load(bt + k * ld + c0 + j * W);
+    for (int r = 0; r < RT; ++r) {
+      vf x = splat(a[r * K + k]);
+      for (int j = 0; j < CV; ++j) acc[r][j] += x * b[j];
+    }
+  }
+  for (int r = 0; r < RT; ++r)
+    for (int j = 0; j < CV; ++j) store(scores + r * ld_scores + c0 + j * W, acc[r][j]);
+}
+
+// scores = a bt for a block of BR rows of `a`, tile by tile; for causal attention a tile of
+// rows reads columns only up to its last row's limit (`cols(r0)`).
+template <typename Cols>
+void scores_block(const float* a, const float* bt, int64_t ld, int64_t K, Cols cols,
+                  float* scores) {
+  for (int r0 = 0; r0 < BR; r0 += RT) {
+    const int64_t n = cols(r0);
+    int64_t c = 0;
+    for (; c + 2 * W <= n; c += 2 * W)
+      score_tile<2>(a + r0 * K, bt, ld, K, c, scores + r0 * ld, ld);
+    if (c < n) score_tile<1>(a + r0 * K, bt, ld, K, c, scores + r0 * ld, ld);
+  }
+}
+
+// Rows of an (R x NV vectors) output tile: at most 16 accumulators.
+template <int NV>
+constexpr int out_rows() {
+  return NV <= 2 ? 8 : NV <= 4 ? 4 : NV <= 8 ? 2 : 1;
+}
+
+// out[r] = scale[r] * sum_{s < n[r]} p[r][s] * v[s] for the first `rows` of a block of BR rows
+// of p (rows of ld floats), with rows v[s] of NV * W floats; out rows are out_ld floats apart.
+template <int NV>
+void rows_times_values(const float* p, int64_t ld, const float* v, const int64_t* n,
+                       const float* scale, int rows, float* out, int64_t out_ld) {
+  constexpr int R = out_rows<NV>();
+  for (int r0 = 0; r0 < rows; r0 += R) {
+    int64_t end = 0;
+    for (int r = 0; r < R; ++r) end = std::max(end, n[r0 + r]);
+    vf acc[R][NV] = {};
+    for (int64_t s = 0; s < end; ++s) {
+      vf x[NV];
+      for (int j = 0; j < NV; ++j) x[j] = load(v + s * NV * W + j * W);
+      for (int r = 0; r < R; ++r) {
+        vf w = splat(p[(r0 + r) * ld + s]);
+        for (int j = 0; j < NV; ++j) acc[r][j] += w * x[j];
+      }
+    }
+    for (int r = 0; r < R && r0 + r < rows; ++r)
+      for (int j = 0; j < NV; ++j)
+        store(out + (r0 + r) * out_ld + j * W, acc[r][j] * scale[r0 + r]);
+  }
+}
+
+// acc[s] += sum_r p[r][s] * x[r] for s < n: the BR rows of p (rows of ld floats) transposed
+// times rows x[r] of NV * W floats, into rows acc[s] of NV * W floats.
+template <int NV>
+void columns_times_rows(const float* p, int64_t ld, const float* x, int64_t n, float* acc) {
+  constexpr int S = out_rows<NV>();
+  for (int64_t s0 = 0; s0 < n; s0 += S) {
+    vf a[S][NV];
+    for (int s = 0; s < S; ++s)
+      for (int j = 0; j < NV; ++j) a[s][j] = load(acc + (s0 + s) * NV * W + j * W);
+    for (int r = 0; r < BR; ++r) {
+      vf xr[NV];
+      for (int j = 0; j < NV; ++j) xr[j] = load(x + r * NV * W + j * W);
+      for (int s = 0; s < S; ++s) {
+        vf w = splat(p[r * ld + s0 + s]);
+        for (int j = 0; j < NV; ++j) a[s][j] += w * xr[j];
+      }
+    }
+    for (int s = 0; s < S; ++s)
+      for (int j = 0; j < NV; ++j) store(acc + (s0 + s) * NV * W + j * W, a[s][j]);
+  }
+}
+
+// Per-thread scratch, grown as needed and reused across calls.
+float* scratch(size_t floats) {
+  thread_local std::vector<float> buffer;
+  if (buffer.size() < floats) buffer.resize(floats);
+  return buffer.data();
+}
+
+// Copy rows [t0, t0 + BR) of one head of a strided (T, K) matrix into BR contiguous rows,
+// zeros past T.
+void gather_rows(const float* src, int64_t stride, const Dims& d, int64_t t0, float* dst) {
+  for (int r = 0; r < BR; ++r) {
+    if (t0 + r < d.T)
+      std::memcpy(dst + r * d.K, src + (t0 + r) * stride, d.K * sizeof(float));
+    else
+      std::memset(dst + r * d.K, 0, d.K * sizeof(float));
+  }
+}
+
+// (T, K) strided -> (K, Tp) contiguous, zeros past T.
+void transpose_head(const float* src, int64_t stride, const Dims& d, float* dst) {
+  for (int64_t k = 0; k < d.K; ++k) {
+    float* row = dst + k * d.Tp;
+    for (int64_t t = 0; t < d.T; ++t) row[t] = src[t * stride + k];
+    for (int64_t t = d.T; t < d.Tp; ++t) row[t] = 0.f;
+  }
+}
+
+// (T, K) strided -> (Tp, K) contiguous, zeros past T.
+void pack_head(const float* src, int64_t stride, const Dims& d, float* dst) {
+  for (int64_t t = 0; t < d.Tp; ++t) {
+    if (t < d.T)
+      std::memcpy(dst + t * d.K, src + t * stride, d.K * sizeof(float));
+    else
+      std::memset(dst + t * d.K, 0, d.K * sizeof(float));
+  }
+}
+
+// Runs f(0) ... f(n - 1) on the calling thread and XLA's intra-op thread pool. The caller
+// waits only for tasks that were started: a helper the pool starts late finds no work left and
+// touches nothing but the shared counters, so the call cannot deadlock on a busy pool.
+template <typename F>
+void parallel_for(ffi::ThreadPool& pool, int64_t n, const F& f) {
+  struct State {
+    std::atomic<int64_t> next{0}, done{0};
+    std::mutex mu;
+    std::condition_variable cv;
+  };
+  auto state = std::make_shared<State>();
+  auto work = [state, n, &f] {
+    for (int64_t i; (i = state->next.fetch_add(1)) < n;) {
+      f(i);
+      if (state->done.fetch_add(1) + 1 == n) {
+        std::lock_guard<std::mutex> lock(state->mu);
+        state->cv.notify_all();
+      }
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), n) - 1;
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule(decltype(work)(work));
+  work();
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->cv.wait(lock, [&] { return state->done.load() == n; });
+}
+
+// The lanes' indices, 0 ... W - 1.
+inline vi lanes() {
+  vi lane;
+  for (int i = 0; i < W; ++i) lane[i] = i;
+  return lane;
+}
+
+// Softmax pieces of one block of BR rows of scores (row r: query t0 + r; rows of Tp floats):
+// n[r], the limit of the keys the query reads (0 past T); then in place
+// p[r][s] = exp(scale * scores[r][s] - shift[r]) for s < n[r] and zeros up to `cols`. With
+// shift = nullptr the shift is the row's maximum, and lse[r] (the log-sum-exp) and inv[r]
+// (1 / the sum) are returned.
+void softmax_block(float* scores, const Dims& d, int64_t t0, float scale, const float* shift,
+                   int64_t cols, int64_t* n, float* lse, float* inv) {
+  const vi lane = lanes();
+  for (int r = 0; r < BR; ++r) {
+    const int64_t t = t0 + r;
+    float* row = scores + r * d.Tp;
+    n[r] = t < d.T ? d.limit(t) : 0;
+    const int64_t nv = round_up(n[r], W);
+    std::fill(row + nv, row + std::max(nv, cols), 0.f);
+    if (n[r] == 0) continue;
+    const vi inside = lane < static_cast<int32_t>(n[r] - (nv - W));  // of the last vector
+    float m;
+    if (shift) {
+      m = shift[r];
+    } else {
+      vf mv = splat(-INFINITY);
+      for (int64_t s = 0; s < nv; s += W) {
+        vf z = load(row + s) * scale;
+        if (s + W == nv) z = inside ? z : splat(-INFINITY);
+        mv = mv > z ? mv : z;
+      }
+      m = hmax(mv);
+    }
+    vf sum = {};
+    for (int64_t s = 0; s < nv; s += W) {
+      vf p = vexp(load(row + s) * scale - m);
+      if (s + W == nv) p = inside ? p : vf{};
+      store(row + s, p);
+      sum += p;
+    }
+    if (!shift) {
+      const float total = hsum(sum);
+      lse[r] = m + std::log(total);
+      inv[r] = 1.f / total;
+    }
+  }
+}
+
+// The columns of scores a tile of RT rows from query t0 + r0 needs: up to its last query's
+// limit, in whole vectors (none past T).
+inline int64_t tile_cols(const Dims& d, int64_t t0, int r0) {
+  const int64_t last = std::min(t0 + r0 + RT, d.T) - 1;
+  return last < t0 + r0 ? 0 : round_up(d.limit(last), W);
+}
+
+template <int NV>
+void forward_head(const float* qkv, const Dims& d, float scale, int64_t b, int64_t h,
+                  float* out, float* lse) {
+  const int64_t K = NV * W, row = d.qkv_row();
+  const float* q = qkv + b * d.T * row + h * K;
+  const float* k = q + d.H * K;
+  const float* v = k + d.H * K;
+  float* kt = scratch(2 * d.Tp * K + BR * K + BR * d.Tp);
+  float* vs = kt + d.Tp * K;
+  float* qb = vs + d.Tp * K;
+  float* scores = qb + BR * K;
+  transpose_head(k, row, d, kt);
+  pack_head(v, row, d, vs);
+  float* o = out + b * d.T * d.out_row() + h * K;
+  float* l = lse + (b * d.H + h) * d.T;
+  for (int64_t t0 = 0; t0 < d.T; t0 += BR) {
+    const int rows = static_cast<int>(std::min<int64_t>(BR, d.T - t0));
+    const int64_t cols = round_up(d.limit(t0 + rows - 1), W);
+    gather_rows(q, row, d, t0, qb);
+    scores_block(qb, kt, d.Tp, K, [&](int r0) { return tile_cols(d, t0, r0); }, scores);
+    int64_t n[BR];
+    float block_lse[BR], inv[BR];
+    softmax_block(scores, d, t0, scale, nullptr, cols, n, block_lse, inv);
+    rows_times_values<NV>(scores, d.Tp, vs, n, inv, rows, o + t0 * d.out_row(), d.out_row());
+    std::copy(block_lse, block_lse + rows, l + t0);
+  }
+}
+
+// The gradient of one head: dq, dk and dv written into dqkv's slots.
+template <int NV>
+void backward_head(const float* qkv, const float* out, const float* lse, const float* dout,
+                   const Dims& d, float scale, int64_t b, int64_t h, float* dqkv) {
+  const int64_t K = NV * W, row = d.qkv_row(), orow = d.out_row();
+  const float* q = qkv + b * d.T * row + h * K;
+  const float* k = q + d.H * K;
+  const float* v = k + d.H * K;
+  const float* o = out + b * d.T * orow + h * K;
+  const float* g = dout + b * d.T * orow + h * K;  // the output's gradient
+  const float* l = lse + (b * d.H + h) * d.T;
+  float* dq = dqkv + b * d.T * row + h * K;
+  float* dk = dq + d.H * K;
+  float* dv = dk + d.H * K;
+
+  float* kt = scratch(5 * d.Tp * K + 2 * BR * K + 2 * BR * d.Tp);
+  float* vt = kt + d.Tp * K;
+  float* ks = vt + d.Tp * K;
+  float* dk_acc = ks + d.Tp * K;
+  float* dv_acc = dk_acc + d.Tp * K;
+  float* qb = dv_acc + d.Tp * K;
+  float* gb = qb + BR * K;
+  float* p = gb + BR * K;
+  float* ds = p + BR * d.Tp;
+  transpose_head(k, row, d, kt);
+  transpose_head(v, row, d, vt);
+  pack_head(k, row, d, ks);
+  std::fill(dk_acc, dk_acc + 2 * d.Tp * K, 0.f);
+
+  const float ones[BR] = {1.f, 1.f, 1.f, 1.f, 1.f, 1.f, 1.f, 1.f, 1.f, 1.f, 1.f,
+                          1.f, 1.f, 1.f, 1.f, 1.f, 1.f, 1.f, 1.f, 1.f, 1.f, 1.f,
+                          1.f, 1.f, 1.f, 1.f, 1.f, 1.f, 1.f, 1.f, 1.f, 1.f};
+  for (int64_t t0 = 0; t0 < d.T; t0 += BR) {
+    const int rows = static_cast<int>(std::min<int64_t>(BR, d.T - t0));
+    const int64_t keys = d.limit(t0 + rows - 1), cols = round_up(keys, W);
+    auto tile = [&](int r0) { return tile_cols(d, t0, r0); };
+    gather_rows(q, row, d, t0, qb);
+    gather_rows(g, orow, d, t0, gb);
+    scores_block(qb, kt, d.Tp, K, tile, p);
+    scores_block(gb, vt, d.Tp, K, tile, ds);  // the probabilities' gradient
+    int64_t n[BR];
+    softmax_block(p, d, t0, scale, l + t0, cols, n, nullptr, nullptr);
+    // The scores' gradient, scale * p * (dp - sum_k g o): softmax's backward pass.
+    for (int r = 0; r < BR; ++r) {
+      float* dsr = ds + r * d.Tp;
+      const int64_t nv = round_up(n[r], W);
+      std::fill(dsr + nv, dsr + std::max(nv, cols), 0.f);
+      if (n[r] == 0) continue;
+      float go = 0.f;
+      for (int64_t j = 0; j < K; ++j) go += gb[r * K + j] * o[(t0 + r) * orow + j];
+      const float* pr = p + r * d.Tp;
+      for (int64_t s = 0; s < nv; s += W)
+        store(dsr + s, load(pr + s) * (load(dsr + s) - go) * scale);
+    }
+    rows_times_values<NV>(ds, d.Tp, ks, n, ones, rows, dq + t0 * row, row);
+    columns_times_rows<NV>(p, d.Tp, gb, keys, dv_acc);
+    columns_times_rows<NV>(ds, d.Tp, qb, keys, dk_acc);
+  }
+  for (int64_t t = 0; t < d.T; ++t) {
+    std::memcpy(dk + t * row, dk_acc + t * K, K * sizeof(float));
+    std::memcpy(dv + t * row, dv_acc + t * K, K * sizeof(float));
+  }
+}
+
+// The widest heads the kernel takes, in floats.
+constexpr int kMaxWidth = 128;
+
+// Calls f(std::integral_constant<int, NV>()) for the head width K = NV * W.
+template <int NV = 1, typename F>
+ffi::Error with_width(int64_t K, const F& f) {
+  if constexpr (NV * W > kMaxWidth) {
+    return ffi::Error::InvalidArgument("igpt attention: the head width must be a multiple of " +
+                                       std::to_string(W) + " up to " +
+                                       std::to_string(kMaxWidth));
+  } else {
+    if (K != NV * W) return with_width<NV + 1>(K, f);
+    f(std::integral_constant<int, NV>());
+    return ffi::Error::Success();
+  }
+}
+
+ffi::Error dims_of(const ffi::Buffer<ffi::F32>& qkv, int32_t causal, Dims* d) {
+  const auto dims = qkv.dimensions();
+  if (dims.size() != 5 || dims[2] != 3)
+    return ffi::Error::InvalidArgument("igpt attention: qkv must be (B, T, 3, H, K)");
+  *d = Dims{dims[0], dims[1], dims[3], dims[4], round_up(dims[1], W), causal != 0};
+  return ffi::Error::Success();
+}
+
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> scale,
+                   ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse,
+                   int32_t causal) {
+  Dims d;
+  if (ffi::Error e = dims_of(qkv, causal, &d); e.failure()) return e;
+  const float s = scale.typed_data()[0];
+  return with_width(d.K, [&](auto nv) {
+    parallel_for(pool, d.B * d.H, [&](int64_t i) {
+      forward_head<decltype(nv)::value>(qkv.typed_data(), d, s, i / d.H, i % d.H,
+                                        out->typed_data(), lse->typed_data());
+    });
+  });
+}
+
+ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> scale,
+                    ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> lse,
+                    ffi::Buffer<ffi::F32> dout, ffi::ResultBuffer<ffi::F32> dqkv,
+                    int32_t causal) {
+  Dims d;
+  if (ffi::Error e = dims_of(qkv, causal, &d); e.failure()) return e;
+  const float s = scale.typed_data()[0];
+  return with_width(d.K, [&](auto nv) {
+    parallel_for(pool, d.B * d.H, [&](int64_t i) {
+      backward_head<decltype(nv)::value>(qkv.typed_data(), out.typed_data(), lse.typed_data(),
+                                         dout.typed_data(), d, s, i / d.H, i % d.H,
+                                         dqkv->typed_data());
+    });
+  });
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(IgptAttentionForward, Forward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // qkv
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // scale
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // out
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // lse
+                                  .Attr<int32_t>("causal"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(IgptAttentionBackward, Backward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // qkv
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // scale
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // out
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // lse
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // the out's gradient
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dqkv
+                                  .Attr<int32_t>("causal"));
+
+// The head widths the kernel takes are multiples of this, up to igpt_attention_max_width().
+extern "C" int igpt_attention_vector_width() { return W; }
+extern "C" int igpt_attention_max_width() { return kMaxWidth; }

@@ -1,0 +1,170 @@
+"""igpt's fused CPU attention kernel (igpt/attention_kernel.cc): its values and gradients
+against attention written out plainly here, the model with it against the model with XLA's
+attention, and that the programs that should call it do."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import igpt
+from igpt import attention_kernel
+from igpt.sharding import make_mesh
+from igpt.train.step import make_eval_step
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _plain_attention(qkv, scale, causal):
+    """softmax(scale q k^T + mask) v per head, in float64 numpy: no blocks, no kernels."""
+    q, k, v = (np.moveaxis(qkv[:, :, i].astype(np.float64), 2, 1) for i in range(3))  # BxHxTxK
+    scores = scale * q @ np.swapaxes(k, -1, -2)
+    if causal:
+        t = q.shape[2]
+        scores = np.where(np.tril(np.ones((t, t), bool)), scores, -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    return np.moveaxis(probs @ v, 1, 2)  # BxTxHxK
+
+
+def _qkv(b, t, h, k, seed=0):
+    return np.random.default_rng(seed).normal(size=(b, t, 3, h, k)).astype(np.float32) * 1.5
+
+
+# Lengths that are not whole vectors or whole blocks of 32 queries; widths of 1, 2 and 4
+# vectors of 16 floats (AVX-512), or 2, 4 and 8 of 8 (AVX2).
+@pytest.mark.parametrize(
+    "b, t, h, k, causal",
+    [(2, 37, 3, 16, True), (1, 70, 2, 32, True), (2, 33, 2, 64, False), (1, 64, 1, 32, False)],
+)
+def test_kernel_values_and_gradients_equal_plain_attention(b, t, h, k, causal):
+    assert attention_kernel.available(k), "the kernel must build on test machines"
+    qkv = _qkv(b, t, h, k)
+    scale = np.float32(0.3)
+    out = jax.jit(lambda x, s: attention_kernel.attention(x, s, causal=causal))(qkv, scale)
+    np.testing.assert_allclose(out, _plain_attention(qkv, scale, causal), atol=2e-5, rtol=0)
+
+    # Gradients by central differences of the plain float64 attention along random
+    # directions: of qkv (every slot: queries, keys, values) and of the scale.
+    weights = np.random.default_rng(1).normal(size=out.shape)
+
+    def plain_loss(x, s):
+        return np.sum(_plain_attention(x, s, causal) * weights)
+
+    def loss(x, s):
+        return jnp.sum(attention_kernel.attention(x, s, causal=causal) * weights)
+
+    def numeric(direction, d_scale=0.0):
+        """The plain loss's derivative along (direction, d_scale), central differences."""
+        x, s, eps = qkv.astype(np.float64), np.float64(scale), 1e-4
+        up = plain_loss(x + eps * direction, s + eps * d_scale)
+        return (up - plain_loss(x - eps * direction, s - eps * d_scale)) / (2 * eps)
+
+    d_qkv, d_scale = jax.jit(jax.grad(loss, argnums=(0, 1)))(qkv, scale)
+    for seed in range(3):
+        direction = np.random.default_rng(10 + seed).normal(size=qkv.shape)
+        assert np.sum(d_qkv * direction) == pytest.approx(numeric(direction), rel=1e-4, abs=1e-3)
+    d = numeric(np.zeros(qkv.shape), d_scale=1.0)
+    assert float(d_scale) == pytest.approx(d, rel=1e-4, abs=1e-3)
+    # Each slot alone: a swapped or dropped slot of the gradient shows here.
+    for slot in range(3):
+        direction = np.zeros(qkv.shape)
+        direction[:, :, slot] = np.random.default_rng(20 + slot).normal(size=qkv[:, :, 0].shape)
+        assert np.sum(d_qkv * direction) == pytest.approx(numeric(direction), rel=1e-4, abs=1e-3)
+
+
+CONFIG = igpt.ModelConfig(n_embd=64, n_layer=2, n_head=4, n_positions=49, vocab_size=17)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"objective": "bert"}, {"scale_attn_by_inverse_layer_idx": True}],
+    ids=["ar", "bert", "inverse-layer-scale"],
+)
+def test_the_model_with_the_kernel_equals_the_model_with_xla_attention(overrides):
+    config = CONFIG.replace(**overrides)
+    # Every parameter random: at initialisation the logit head and the blocks' output
+    # projections are zero, which would hide attention from the logits and most gradients.
+    shapes = igpt.init_params(config, jax.random.key(0))
+    keys = iter(jax.random.split(jax.random.key(1), len(jax.tree.leaves(shapes))))
+    params = jax.tree.map(lambda x: 0.3 * jax.random.normal(next(keys), x.shape), shapes)
+    ids = np.random.default_rng(0).integers(0, config.palette_size, (3, config.n_positions))
+
+    def loss(p, attention):
+        out = igpt.ImageGPT(config.replace(attention=attention)).apply({"params": p}, ids)
+        return jnp.mean(jax.nn.logsumexp(out.logits, -1) - out.logits[..., 0]), out.logits
+
+    value_and_grad = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
+    (loss_k, logits_k), grads_k = value_and_grad(params, "auto")
+    (loss_x, logits_x), grads_x = value_and_grad(params, "xla")
+    np.testing.assert_allclose(logits_k, logits_x, atol=2e-5, rtol=0)
+    assert float(loss_k) == pytest.approx(float(loss_x), rel=1e-6)
+    for a, b in zip(jax.tree.leaves(grads_k), jax.tree.leaves(grads_x), strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4)
+
+
+def _compiled_eval_step(config, mesh_shape=(1, 1, 1)) -> str:
+    """The optimized HLO text of the eval step on a mesh of this shape."""
+    mesh = make_mesh(mesh_shape, jax.devices()[: int(np.prod(mesh_shape))])
+    params = igpt.init_params(config, jax.random.key(0))
+    batch = {
+        "tokens": np.zeros((8, config.n_positions), np.int32),
+        "label": np.zeros(8, np.int32),
+        "mask": np.ones(8, bool),
+    }
+    step = make_eval_step(config, mesh)
+    return step.lower(params, batch).compile().as_text()
+
+
+def test_float32_programs_on_cpus_call_the_kernel_and_others_do_not():
+    assert 'custom_call_target="igpt_attention_forward"' in _compiled_eval_step(CONFIG)
+    for other in (CONFIG.replace(attention="xla"), CONFIG.replace(dtype="bfloat16")):
+        assert "igpt_attention" not in _compiled_eval_step(other)
+
+
+def test_without_a_compiler_attention_runs_through_xla(monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    attention_kernel._library.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="no C\\+\\+ compiler 'no-such-compiler'"):
+            assert not attention_kernel.available(16)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert "igpt_attention" not in _compiled_eval_step(CONFIG)
+    finally:
+        attention_kernel._library.cache_clear()
+
+
+def test_a_sharded_step_with_the_kernel_matches_one_device():
+    # data=2, fsdp=2, tensor=2 over 8 simulated CPU devices: each runs the kernel on its own
+    # rows of the batch and its own heads (shard_map), against one device.
+    script = textwrap.dedent(
+        f"""
+        import sys, numpy as np, jax
+        sys.path.insert(0, {str(ROOT / "tests")!r})
+        from test_train_step import _batch, _run_steps
+        from test_attention_kernel import CONFIG, _compiled_eval_step
+        assert jax.device_count() == 8
+        assert "igpt_attention_forward" in _compiled_eval_step(CONFIG, (2, 2, 2))
+        batches = [_batch(8, CONFIG, seed) for seed in range(2)]
+        losses8, params8 = _run_steps(CONFIG, (2, 2, 2), batches)
+        losses1, params1 = _run_steps(CONFIG, (1, 1, 1), batches, devices=jax.devices()[:1])
+        np.testing.assert_allclose(losses8, losses1, rtol=1e-5)
+        for a, b in zip(jax.tree.leaves(params8), jax.tree.leaves(params1), strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+        """
+    )
+    env = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
