@@ -47,7 +47,13 @@ inline vf load(const float* p) {
   return v;
 }
 inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
-inline vf splat(float x) { return vf{} + x; }
+// x in every lane, written out: vf{} + x would add 0 to x first (without -ffast-math, an
+// addition the compiler keeps, beside every product's broadcast).
+#ifdef __AVX512F__
+inline vf splat(float x) { return vf{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
+#else
+inline vf splat(float x) { return vf{x, x, x, x, x, x, x, x}; }
+#endif
 inline float hsum(vf v) {
   float s = 0.f;
   for (int i = 0; i < W; ++i) s += v[i];
@@ -358,9 +364,8 @@ void backward_head(const float* qkv, const float* out, const float* lse, const f
   pack_head(k, row, d, ks);
   std::fill(dk_acc, dk_acc + 2 * d.Tp * K, 0.f);
 
-  const float ones[BR] = {1.f, 1.f, 1.f, 1.f, 1.f, 1.f, 1.f, 1.f, 1.f, 1.f, 1.f,
-                          1.f, 1.f, 1.f, 1.f, 1.f, 1.f, 1.f, 1.f, 1.f, 1.f, 1.f,
-                          1.f, 1.f, 1.f, 1.f, 1.f, 1.f, 1.f, 1.f, 1.f, 1.f};
+  float ones[BR];  // dq's rows are not rescaled
+  std::fill(ones, ones + BR, 1.f);
   for (int64_t t0 = 0; t0 < d.T; t0 += BR) {
     const int rows = static_cast<int>(std::min<int64_t>(BR, d.T - t0));
     const int64_t keys = d.limit(t0 + rows - 1), cols = round_up(keys, W);

@@ -73,10 +73,11 @@ def _library() -> ctypes.CDLL | None:
     try:
         lib = ctypes.cdll.LoadLibrary(str(_build(compiler)))
     except subprocess.CalledProcessError as e:
-        last = (e.stderr or "").strip().splitlines()[-1:] or ["(no output)"]
+        lines = (e.stderr or "").strip().splitlines() or ["(no output)"]
+        first_error = next((line for line in lines if "error" in line), lines[-1])
         warnings.warn(
-            f"igpt: building the CPU attention kernel failed ({last[0]}), so attention on "
-            "CPUs runs through XLA",
+            f"igpt: building the CPU attention kernel failed ({first_error.strip()}), so "
+            "attention on CPUs runs through XLA",
             stacklevel=3,
         )
         return None

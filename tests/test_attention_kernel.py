@@ -44,7 +44,13 @@ def _qkv(b, t, h, k, seed=0):
 # vectors of 16 floats (AVX-512), or 2, 4 and 8 of 8 (AVX2).
 @pytest.mark.parametrize(
     "b, t, h, k, causal",
-    [(2, 37, 3, 16, True), (1, 70, 2, 32, True), (2, 33, 2, 64, False), (1, 64, 1, 32, False)],
+    [
+        (2, 37, 3, 16, True),
+        (1, 70, 2, 32, True),
+        (2, 33, 2, 64, False),
+        (1, 64, 1, 32, False),
+        (1, 20, 2, 128, True),
+    ],
 )
 def test_kernel_values_and_gradients_equal_plain_attention(b, t, h, k, causal):
     assert attention_kernel.available(k), "the kernel must build on test machines"
@@ -131,15 +137,25 @@ def test_float32_programs_on_cpus_call_the_kernel_and_others_do_not():
         assert "igpt_attention" not in _compiled_eval_step(other)
 
 
-def test_without_a_compiler_attention_runs_through_xla(monkeypatch):
-    monkeypatch.setenv("CXX", "no-such-compiler")
-    attention_kernel._library.cache_clear()
+def test_without_a_compiler_attention_runs_through_xla(monkeypatch, tmp_path):
+    failing = tmp_path / "failing-c++"  # a compiler's error, then its pointer line
+    errors = 'echo "kernel.cc:1:2: error: no such thing" >&2\necho "  | ^" >&2'
+    failing.write_text(f"#!/bin/sh\n{errors}\nexit 1\n")
+    failing.chmod(0o755)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    cases = [
+        ("no-such-compiler", "no C\\+\\+ compiler 'no-such-compiler'"),
+        (str(failing), "failed \\(kernel.cc:1:2: error: no such thing\\)"),
+    ]
     try:
-        with pytest.warns(UserWarning, match="no C\\+\\+ compiler 'no-such-compiler'"):
-            assert not attention_kernel.available(16)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            assert "igpt_attention" not in _compiled_eval_step(CONFIG)
+        for compiler, message in cases:
+            monkeypatch.setenv("CXX", compiler)
+            attention_kernel._library.cache_clear()
+            with pytest.warns(UserWarning, match=message):
+                assert not attention_kernel.available(16)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                assert "igpt_attention" not in _compiled_eval_step(CONFIG)
     finally:
         attention_kernel._library.cache_clear()
 
