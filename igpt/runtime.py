@@ -80,7 +80,7 @@ def compile_ahead_environment(argv: list[str]) -> None:
 COMPILATION_CACHE_BYTES = 2 << 30
 
 
-def host_cpu() -> str:
+def _host_cpu() -> str:
     """The host's architecture and a digest of its CPU flags. JAX's cache keys leave the CPU
     out, and XLA refuses (and recompiles) a CPU program built with instructions the host lacks,
     so machines that share a home directory but not a CPU keep separate caches (of programs,
@@ -96,7 +96,7 @@ def cache_dir(kind: str) -> str:
     """`$XDG_CACHE_HOME/igpt/<kind>/<cpu>` (default `~/.cache/...`): where igpt keeps what it
     builds for this host's CPU."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "igpt", kind, host_cpu())
+    return os.path.join(base, "igpt", kind, _host_cpu())
 
 
 def use_compilation_cache() -> None:

@@ -1,12 +1,11 @@
 """The Flax ImageGPT model: sizes, initialisation, causality, the KV cache, dtypes."""
 
-import functools
-
 import jax
 import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 from reference_models import random_igpt_params
 
 import igpt
@@ -105,15 +104,19 @@ def test_the_traced_program_unrolls_for_the_platform_its_mesh_is_on():
     deep = TINY.replace(n_layer=13)
 
     def scans(config, platform=None):
-        forward = functools.partial(
-            igpt.ImageGPT(config).apply, {"params": random_igpt_params(config)}
-        )
+        # Traced from the parameters' shapes alone: nothing is initialised or compiled.
+        params = nn.meta.unbox(igpt.param_shapes(config))
+
+        def trace():
+            forward = igpt.ImageGPT(config).apply
+            return jax.make_jaxpr(lambda p, ids: forward({"params": p}, ids))(params, _ids(config))
+
         if platform is None:  # no mesh: the default backend, this CPU
-            return _scan_unrolls(jax.make_jaxpr(forward)(_ids(config)).jaxpr)
+            return _scan_unrolls(trace().jaxpr)
         device = jax.sharding.AbstractDevice(device_kind="chip", num_cores=None, platform=platform)
         mesh = jax.sharding.AbstractMesh((1, 1, 1), MESH_AXES, abstract_device=device)
         with jax.sharding.use_abstract_mesh(mesh):  # as igpt.sharding traces a step for a mesh
-            return _scan_unrolls(jax.make_jaxpr(forward)(_ids(config)).jaxpr)
+            return _scan_unrolls(trace().jaxpr)
 
     assert scans(deep) == [13]  # every block unrolled
     assert scans(deep, "cpu") == [13]

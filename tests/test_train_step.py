@@ -62,15 +62,21 @@ def test_training_lowers_the_loss_on_a_repeated_batch():
 
 @pytest.mark.parametrize("objective", ["ar", "bert"])
 def test_sharded_step_on_8_devices_matches_one_device(objective):
-    # data=2, fsdp=2, tensor=2 over 8 simulated CPU devices, against one device. BERT masks
-    # are drawn per row from the step key, so sharding the batch cannot change them.
+    # BERT masks are drawn per row from the step key, so sharding the batch cannot change them.
+    sharded_steps_match_one_device(f"TINY.replace(objective={objective!r})")
+
+
+def sharded_steps_match_one_device(config: str, setup: str = "") -> None:
+    """Two train steps of the model `config` (an expression over this module's names, after
+    `setup`) on data=2, fsdp=2, tensor=2 over 8 simulated CPU devices equal them on one."""
     script = textwrap.dedent(
         f"""
         import sys, numpy as np, jax
         sys.path.insert(0, {str(ROOT / "tests")!r})
         from test_train_step import TINY, _batch, _run_steps
         assert jax.device_count() == 8
-        config = TINY.replace(objective={objective!r})
+        {setup}
+        config = {config}
         batches = [_batch(8, config, seed) for seed in range(2)]
         losses8, params8 = _run_steps(config, (2, 2, 2), batches)
         losses1, params1 = _run_steps(config, (1, 1, 1), batches, devices=jax.devices()[:1])
