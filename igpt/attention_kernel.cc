@@ -423,17 +423,25 @@ ffi::Error dims_of(const ffi::Buffer<ffi::F32>& qkv, int32_t causal, Dims* d) {
   return ffi::Error::Success();
 }
 
+// Runs f(nv, d, b, h) for every batch row b and head h of qkv on the thread pool, where nv is
+// std::integral_constant<int, NV> for the head width NV * W.
+template <typename F>
+ffi::Error for_each_head(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& qkv, int32_t causal,
+                         const F& f) {
+  Dims d;
+  if (ffi::Error e = dims_of(qkv, causal, &d); e.failure()) return e;
+  return with_width(d.K, [&](auto nv) {
+    parallel_for(pool, d.B * d.H, [&](int64_t i) { f(nv, d, i / d.H, i % d.H); });
+  });
+}
+
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> scale,
                    ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse,
                    int32_t causal) {
-  Dims d;
-  if (ffi::Error e = dims_of(qkv, causal, &d); e.failure()) return e;
   const float s = scale.typed_data()[0];
-  return with_width(d.K, [&](auto nv) {
-    parallel_for(pool, d.B * d.H, [&](int64_t i) {
-      forward_head<decltype(nv)::value>(qkv.typed_data(), d, s, i / d.H, i % d.H,
-                                        out->typed_data(), lse->typed_data());
-    });
+  return for_each_head(pool, qkv, causal, [&](auto nv, const Dims& d, int64_t b, int64_t h) {
+    forward_head<decltype(nv)::value>(qkv.typed_data(), d, s, b, h, out->typed_data(),
+                                      lse->typed_data());
   });
 }
 
@@ -441,15 +449,10 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Buffer
                     ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> lse,
                     ffi::Buffer<ffi::F32> dout, ffi::ResultBuffer<ffi::F32> dqkv,
                     int32_t causal) {
-  Dims d;
-  if (ffi::Error e = dims_of(qkv, causal, &d); e.failure()) return e;
   const float s = scale.typed_data()[0];
-  return with_width(d.K, [&](auto nv) {
-    parallel_for(pool, d.B * d.H, [&](int64_t i) {
-      backward_head<decltype(nv)::value>(qkv.typed_data(), out.typed_data(), lse.typed_data(),
-                                         dout.typed_data(), d, s, i / d.H, i % d.H,
-                                         dqkv->typed_data());
-    });
+  return for_each_head(pool, qkv, causal, [&](auto nv, const Dims& d, int64_t b, int64_t h) {
+    backward_head<decltype(nv)::value>(qkv.typed_data(), out.typed_data(), lse.typed_data(),
+                                       dout.typed_data(), d, s, b, h, dqkv->typed_data());
   });
 }
 
