@@ -1,6 +1,7 @@
 """igpt.precision: products of bfloat16-rounded inputs with float32 results, forward and in
 both gradient products."""
 
+import functools
 import re
 
 import flax.linen as nn
@@ -160,8 +161,30 @@ def test_a_dense_general_kernel_trains_in_bfloat16():
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_float32_is_the_plain_product():
-    assert precision.dot_general(jnp.float32) is jax.lax.dot_general
+@pytest.mark.parametrize("features", [(3, 2, 4), 5, 16])
+def test_float32_dense_layers_are_flaxs_with_weight_gradients_that_contract_rows_on_cpu(features):
+    # Float32 dense layers take the same path as bfloat16 ones for the weight gradient's layout
+    # (XLA's own gradient gives it to Eigen, slower within a train step); their values and
+    # gradients stay flax's own. Widths 5 and 16 transpose the other operand of the two.
+    f32 = dict(use_bias=True, dtype=jnp.float32)
+    layer = nn.DenseGeneral(features, dot_general=precision.dot_general(jnp.float32), **f32)
+    plain = nn.DenseGeneral(features, **f32)
+    x = _normal(0, (10, 8))
+    params = jax.tree.map(lambda p: p + 0.1, plain.init(jax.random.key(1), x))  # bias non-zero
+
+    def loss(layer, p, x):
+        return jnp.sum(jnp.sin(layer.apply(p, x)))
+
+    got = jax.jit(jax.value_and_grad(functools.partial(loss, layer), argnums=(0, 1)))
+    want = jax.value_and_grad(functools.partial(loss, plain), argnums=(0, 1))(params, x)
+    for g, w in zip(jax.tree.leaves(got(params, x)), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+    hlo = got.lower(params, x).compile().as_text()
+    contracted = re.findall(r" dot\(.*?lhs_contracting_dims=\{(\d+)\}", hlo)
+    assert contracted == ["1"] * 3, hlo  # forward, input gradient, weight gradient
+
+
+def test_float32_einsum_is_the_plain_product():
     a, b = _normal(0, (6, 5)), _normal(1, (5, 7))
     jaxpr = jax.make_jaxpr(lambda a, b: precision.einsum("mk,kn->mn", a, b, jnp.float32))(a, b)
     assert [e.primitive.name for e in jaxpr.eqns] == ["dot_general"]
