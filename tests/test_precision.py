@@ -121,8 +121,9 @@ def test_on_cpu_a_bfloat16_train_step_computes_every_product_in_bfloat16():
     from igpt.losses import next_token_loss
 
     config = igpt.ModelConfig(
-        n_embd=32, n_layer=2, n_head=4, n_positions=64, query_block=32, dtype="bfloat16"
-    )
+        n_embd=32, n_layer=2, n_head=4, n_positions=64, query_block=32, dtype="bfloat16",
+        attention="xla",  # XLA's attention products, not igpt's float32 kernel
+    )  # fmt: skip
     model = igpt.ImageGPT(config)
     ids = jnp.zeros((2, config.n_positions), jnp.int32)
 
