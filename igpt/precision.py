@@ -46,11 +46,11 @@ def dot_general(dtype: jnp.dtype):
     so that flax does not round them first.
 
     float32 layers take it too, for the weight gradient's layout on CPUs (`_contract_rows`):
-    alternated in one process on a 2-core Intel Xeon, the float32 train step ran 5-6% faster
-    at tiny, 7-11% at S and 1% at the Fashion-MNIST configs' shape. There XLA's own gradient
-    hands the weight gradient to Eigen, whose product runs beside the next layer's products
-    on the same two cores; and a (D, 3, H, K) kernel's gradient (c_attn's) came with a
-    transpose of its (tokens, 3, H, K) cotangent.
+    alternated in one process on a 2-core Intel Xeon, the float32 train step ran 1.05x as
+    fast at tiny, 0.98-1.12x at S (three runs) and 0.98-1.01x at the Fashion-MNIST configs'
+    shape. There XLA's own gradient hands the weight gradient to Eigen, whose product runs
+    beside the next layer's products on the same two cores; and a (D, 3, H, K) kernel's
+    gradient (c_attn's) came with a transpose of its (tokens, 3, H, K) cotangent.
     """
     return functools.partial(_dense_product, dtype=jnp.dtype(dtype))
 
