@@ -315,7 +315,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--attention",
         default="auto",
         choices=["auto", "xla", "dot_product"],
-        help="igpt's model.attention (auto: the fused CPU kernel in float32 on CPUs)",
+        help="igpt's model.attention (auto: the fused CPU kernel on CPUs)",
     )
     parser.add_argument("--sample-tokens", type=int, help="tokens per sample (default: all)")
     parser.add_argument("--top-k", type=int, default=64, help="top-k of both samplers")
