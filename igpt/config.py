@@ -77,7 +77,7 @@ class ModelConfig:
     # score blocks); at 529 tokens blocks of 128 were 2-5% faster than 64 and 3-15% than 256;
     # S at 1,024 tokens trained 13% slower in blocks of 64 than of 256.
     query_block: int = 0
-    # "auto": igpt's fused CPU kernel (igpt/attention_kernel.cc, built on first use; float32
+    # "auto": igpt's fused CPU kernel (igpt/cpu_kernels.cc, built on first use; float32
     # whatever the compute dtype) for programs on CPUs without attention dropout, else "xla";
     # "xla": igpt's blockwise attention in XLA; "dot_product": jax.nn.dot_product_attention,
     # cuDNN's fused kernel on GPUs (no attention dropout or inverse-layer scaling there).

@@ -1,4 +1,4 @@
-"""igpt's fused CPU attention kernel (igpt/attention_kernel.cc): its values and gradients
+"""igpt's fused CPU attention kernel (igpt/cpu_kernels.cc): its values and gradients
 against attention written out plainly here, the model with it against the model with XLA's
 attention, and that the programs that should call it do."""
 
@@ -14,7 +14,7 @@ from reference_models import random_igpt_params
 from test_train_step import sharded_steps_match_one_device
 
 import igpt
-from igpt import attention_kernel
+from igpt import attention_kernel, cpu_kernels
 from igpt.sharding import make_mesh
 from igpt.train.step import make_eval_step
 
@@ -163,14 +163,14 @@ def test_without_a_compiler_attention_runs_through_xla(monkeypatch, tmp_path):
     try:
         for compiler, message in cases:
             monkeypatch.setenv("CXX", compiler)
-            attention_kernel._library.cache_clear()
+            cpu_kernels.library.cache_clear()
             with pytest.warns(UserWarning, match=message):
                 assert not attention_kernel.available(16)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 assert "igpt_attention" not in _lowered_eval_step(CONFIG)
     finally:
-        attention_kernel._library.cache_clear()
+        cpu_kernels.library.cache_clear()
 
 
 def test_a_sharded_step_with_the_kernel_matches_one_device():

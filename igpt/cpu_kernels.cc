@@ -1,10 +1,12 @@
-// igpt's fused attention for CPUs: an XLA FFI custom call (forward and backward), float32.
+// igpt's CPU kernels, XLA FFI custom calls in float32: fused attention (forward and backward)
+// and the matrix-vector products of decoding.
 //
-// Why: on 2-core CPUs XLA ran attention's batched products of 32- and 64-wide heads at a fifth
-// to a third of the dense products' rate, and spent as long again on the mask, softmax and the
-// copies and transposes around them: 43-50% of a d=128 train step's kernel time for 13-16% of
-// its FLOPs (`python -m benchmarks --profile`). Here each (batch, head) pair is one task, whose
-// working set (its keys and values, one block of queries' scores) stays in the core's cache.
+// Attention. Why: on 2-core CPUs XLA ran attention's batched products of 32- and 64-wide heads
+// at a fifth to a third of the dense products' rate, and spent as long again on the mask,
+// softmax and the copies and transposes around them: 43-50% of a d=128 train step's kernel
+// time for 13-16% of its FLOPs (`python -m benchmarks --profile`). Here each (batch, head) pair
+// is one task, whose working set (its keys and values, one block of queries' scores) stays in
+// the core's cache.
 //
 // The maths is flash attention's: the forward pass keeps each query's log-sum-exp of its
 // scaled scores, and the backward pass recomputes the probabilities from it instead of storing
@@ -13,8 +15,8 @@
 // output projection, and the gradient as (B, T, 3, H, K) for the projection's backward pass, so
 // no transposes, slices or concatenations surround the call.
 //
-// Built by igpt/attention_kernel.py with the host compiler for the host CPU (-march=native);
-// the vectors are GCC's generic vector extensions, one register wide.
+// Built by igpt/cpu_kernels.py with the host compiler for the host CPU (-march=native); the
+// vectors are GCC's generic vector extensions, one register wide.
 
 #include <algorithm>
 #include <atomic>
@@ -223,8 +225,14 @@ void pack_head(const float* src, int64_t stride, const Dims& d, float* dst) {
   }
 }
 
-// Runs f(0) ... f(n - 1) on the calling thread and XLA's intra-op thread pool. The caller
-// waits only for tasks that were started: a helper the pool starts late finds no work left and
+// The threads parallel_for runs n tasks on: the caller and up to all of XLA's intra-op pool.
+inline int64_t workers(ffi::ThreadPool& pool, int64_t n) {
+  return std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), n));
+}
+
+// Runs f(i, worker) for i = 0 ... n - 1, each once, on the calling thread (worker 0) and
+// workers(pool, n) - 1 threads of XLA's intra-op pool (workers 1, 2, ...). The caller waits
+// only for tasks that were started: a helper the pool starts late finds no work left and
 // touches nothing but the shared counters, so the call cannot deadlock on a busy pool.
 template <typename F>
 void parallel_for(ffi::ThreadPool& pool, int64_t n, const F& f) {
@@ -234,18 +242,18 @@ void parallel_for(ffi::ThreadPool& pool, int64_t n, const F& f) {
     std::condition_variable cv;
   };
   auto state = std::make_shared<State>();
-  auto work = [state, n, &f] {
+  auto work = [state, n, &f](int64_t worker) {
     for (int64_t i; (i = state->next.fetch_add(1)) < n;) {
-      f(i);
+      f(i, worker);
       if (state->done.fetch_add(1) + 1 == n) {
         std::lock_guard<std::mutex> lock(state->mu);
         state->cv.notify_all();
       }
     }
   };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), n) - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule(decltype(work)(work));
-  work();
+  for (int64_t helper = 1; helper < workers(pool, n); ++helper)
+    pool.Schedule([work, helper] { work(helper); });
+  work(0);
   std::unique_lock<std::mutex> lock(state->mu);
   state->cv.wait(lock, [&] { return state->done.load() == n; });
 }
@@ -431,7 +439,7 @@ ffi::Error for_each_head(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& qkv
   Dims d;
   if (ffi::Error e = dims_of(qkv, causal, &d); e.failure()) return e;
   return with_width(d.K, [&](auto nv) {
-    parallel_for(pool, d.B * d.H, [&](int64_t i) { f(nv, d, i / d.H, i % d.H); });
+    parallel_for(pool, d.B * d.H, [&](int64_t i, int64_t) { f(nv, d, i / d.H, i % d.H); });
   });
 }
 
@@ -454,6 +462,93 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Buffer
     backward_head<decltype(nv)::value>(qkv.typed_data(), out.typed_data(), lse.typed_data(),
                                        dout.typed_data(), d, s, b, h, dqkv->typed_data());
   });
+}
+
+// Matrix-vector products: y = x w for x of at most kMaxRows rows (a decode step's tokens).
+//
+// Why: a decode step reads every weight once per token, so sampling at batch 1 runs at the
+// rate at which the weights stream from memory. XLA:CPU's products of one row read the S
+// model's weights at 16-22 GB/s (10 GB/s for four rows), where a plain sum streams 28. Here
+// each task reads a band of kTaskRows whole rows of w in memory order, kBand rows at a time,
+// prefetching each row kPrefetch floats ahead, into its thread's own (M, N) sums, which stay
+// in L1; the threads' sums are added at the end. Small tasks let the calling thread take over
+// the work of a pool thread that wakes late.
+
+constexpr int kMaxRows = 4;
+constexpr int kBand = 8;
+constexpr int kTaskRows = 64;
+constexpr int kPrefetch = 256;
+
+// acc (M x N) += x[:, k0:k1] w[k0:k1, :], for x (M x K) and w (K x N), both row-major.
+template <int M>
+void matvec_band(const float* x, int64_t K, const float* w, int64_t N, int64_t k0, int64_t k1,
+                 float* acc) {
+  const int64_t full = N / W * W;
+  for (int64_t k = k0; k < k1; k += kBand) {
+    const int rows = static_cast<int>(std::min<int64_t>(kBand, k1 - k));
+    const float* band = w + k * N;
+    float a[M][kBand] = {};
+    for (int m = 0; m < M; ++m)
+      for (int r = 0; r < rows; ++r) a[m][r] = x[m * K + k + r];
+    if (rows == kBand) {
+      vf av[M][kBand];
+      for (int m = 0; m < M; ++m)
+        for (int r = 0; r < kBand; ++r) av[m][r] = splat(a[m][r]);
+      for (int64_t n = 0; n < full; n += W) {
+        vf y[M];
+        for (int m = 0; m < M; ++m) y[m] = load(acc + m * N + n);
+        for (int r = 0; r < kBand; ++r) {
+          __builtin_prefetch(band + r * N + n + kPrefetch);
+          const vf v = load(band + r * N + n);
+          for (int m = 0; m < M; ++m) y[m] += av[m][r] * v;
+        }
+        for (int m = 0; m < M; ++m) store(acc + m * N + n, y[m]);
+      }
+    } else {
+      for (int64_t n = 0; n < full; n += W)
+        for (int m = 0; m < M; ++m) {
+          vf y = load(acc + m * N + n);
+          for (int r = 0; r < rows; ++r) y += splat(a[m][r]) * load(band + r * N + n);
+          store(acc + m * N + n, y);
+        }
+    }
+    for (int64_t n = full; n < N; ++n)  // the columns past whole vectors
+      for (int m = 0; m < M; ++m)
+        for (int r = 0; r < rows; ++r) acc[m * N + n] += a[m][r] * band[r * N + n];
+  }
+}
+
+template <int M>
+void matvec(ffi::ThreadPool& pool, const float* x, const float* w, int64_t K, int64_t N,
+            float* y) {
+  const int64_t tasks = (K + kTaskRows - 1) / kTaskRows;
+  const int64_t size = M * N;
+  std::memset(y, 0, size * sizeof(float));  // worker 0's sums
+  std::vector<float> sums((workers(pool, tasks) - 1) * size, 0.f);  // the other workers'
+  parallel_for(pool, tasks, [&](int64_t i, int64_t worker) {
+    float* acc = worker == 0 ? y : sums.data() + (worker - 1) * size;
+    matvec_band<M>(x, K, w, N, i * kTaskRows, std::min<int64_t>(K, (i + 1) * kTaskRows), acc);
+  });
+  for (size_t j = 0; j < sums.size(); ++j) y[j % size] += sums[j];
+}
+
+ffi::Error Matvec(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                  ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = x.dimensions(), wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[0] || xd[0] < 1 || xd[0] > kMaxRows)
+    return ffi::Error::InvalidArgument("igpt matvec: x must be (M, K) with M <= " +
+                                       std::to_string(kMaxRows) + " and w (K, N)");
+  const int64_t K = xd[1], N = wd[1];
+  const float* xp = x.typed_data();
+  const float* wp = w.typed_data();
+  float* yp = y->typed_data();
+  switch (xd[0]) {
+    case 1: matvec<1>(pool, xp, wp, K, N, yp); break;
+    case 2: matvec<2>(pool, xp, wp, K, N, yp); break;
+    case 3: matvec<3>(pool, xp, wp, K, N, yp); break;
+    default: matvec<4>(pool, xp, wp, K, N, yp); break;
+  }
+  return ffi::Error::Success();
 }
 
 }  // namespace
@@ -481,3 +576,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(IgptAttentionBackward, Backward,
 // The head widths the kernel takes are multiples of this, up to igpt_attention_max_width().
 extern "C" int igpt_attention_vector_width() { return W; }
 extern "C" int igpt_attention_max_width() { return kMaxWidth; }
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(IgptMatvec, Matvec,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // y
+
+// The most rows of x igpt_matvec takes.
+extern "C" int igpt_matvec_max_rows() { return kMaxRows; }

@@ -1,0 +1,85 @@
+"""igpt's matrix-vector kernel (igpt/cpu_kernels.cc), which a decode step's dense products of
+a few rows take on CPUs: its values against float64 products, a dense layer's values and
+gradients with it, and a wide model's cached decoding against its full forward pass."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from reference_models import random_igpt_params
+
+import igpt
+from igpt import cpu_kernels, precision
+from igpt.model import decode_step, init_cache, split_layers
+
+
+# Rows 1-4; K past whole bands of 8 rows and tasks of 64 (so that both threads add sums), or
+# below one band; N past whole vectors of 16 (and of 8), or below one.
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("k, n", [(517, 1536), (2048, 37), (5, 3), (130, 1)])
+def test_kernel_equals_float64_products(rows, k, n):
+    assert cpu_kernels.matvec_takes(rows), "the kernel must build on test machines"
+    rng = np.random.default_rng(rows * k + n)
+    x = rng.normal(size=(rows, k)).astype(np.float32)
+    w = rng.normal(size=(k, n)).astype(np.float32)
+    got = jax.jit(cpu_kernels.matvec)(x, w)
+    expected = x.astype(np.float64) @ w.astype(np.float64)
+    np.testing.assert_allclose(got, expected, atol=1e-5 * np.sqrt(k), rtol=0)
+
+
+def test_five_rows_are_refused():
+    assert not cpu_kernels.matvec_takes(5)
+    with pytest.raises(ValueError, match="does not take 5 rows"):
+        cpu_kernels.matvec(jnp.zeros((5, 8)), jnp.zeros((8, 16)))
+
+
+def test_a_dense_layer_of_few_rows_takes_the_kernel_with_flaxs_values_and_gradients():
+    # 1 MiB of weights: the smallest the kernel takes.
+    layer = igpt.model.nn.Dense(512, dot_general=precision.dot_general(jnp.float32))
+    plain = igpt.model.nn.Dense(512)
+    x = np.random.default_rng(0).normal(size=(3, 512)).astype(np.float32)
+    params = plain.init(jax.random.key(0), x)
+    assert "igpt_matvec" in jax.jit(layer.apply).lower(params, x).as_text()
+    assert "igpt_matvec" not in jax.jit(layer.apply).lower(params, np.tile(x, (2, 1))).as_text()
+
+    def loss(module, p, x):
+        return jnp.sum(jnp.sin(module.apply(p, x)))
+
+    np.testing.assert_allclose(layer.apply(params, x), plain.apply(params, x), atol=1e-4)
+    got = jax.grad(lambda p, x: loss(layer, p, x), argnums=(0, 1))(params, x)
+    expected = jax.grad(lambda p, x: loss(plain, p, x), argnums=(0, 1))(params, x)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+# d=512: every dense weight is at least 1 MiB (the logit head's too). d=128: none is.
+WIDE = igpt.ModelConfig(n_embd=512, n_layer=2, n_head=8, n_positions=12)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_cached_decoding_of_a_wide_model_takes_the_kernel_and_matches_the_full_forward(batch):
+    params = random_igpt_params(WIDE, seed=batch, noise=0.05)
+    ids = np.random.default_rng(batch).integers(0, 512, (batch, WIDE.n_positions))
+    ids[:, 0] = WIDE.sos_id
+    full = igpt.ImageGPT(WIDE).apply({"params": params}, jnp.asarray(ids)).logits
+
+    layers = split_layers(params["h"], WIDE.n_layer)
+    step = jax.jit(lambda caches, x, t: decode_step(WIDE, params, layers, caches, x, t))
+    caches = split_layers(init_cache(WIDE, batch)["h"], WIDE.n_layer)
+    text = step.lower(caches, jnp.asarray(ids[:, :1]), jnp.int32(0)).as_text()
+    # Per layer: the projections in and out of attention and the two MLP layers; the head.
+    assert text.count("custom_call @igpt_matvec") == 4 * WIDE.n_layer + 1
+    for t in range(WIDE.n_positions):
+        logits, caches = step(caches, jnp.asarray(ids[:, t : t + 1]), jnp.int32(t))
+        np.testing.assert_allclose(logits[:, 0], full[:, t], atol=1e-4, rtol=0)
+
+
+def test_a_narrow_models_decoding_keeps_xlas_products():
+    config = WIDE.replace(n_embd=128, n_head=4)
+    params = igpt.init_params(config, jax.random.key(0))
+    layers = split_layers(params["h"], config.n_layer)
+    caches = split_layers(init_cache(config, 1)["h"], config.n_layer)
+    step = jax.jit(lambda caches, x: decode_step(config, params, layers, caches, x, 0))
+    assert "igpt_matvec" not in step.lower(caches, jnp.zeros((1, 1), jnp.int32)).as_text()
