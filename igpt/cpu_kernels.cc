@@ -20,6 +20,9 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
+#include <functional>
+#include <thread>
 #include <cmath>
 #include <condition_variable>
 #include <cstdint>
@@ -471,13 +474,15 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Buffer
 // model's weights at 16-22 GB/s (10 GB/s for four rows), where a plain sum streams 28. Here
 // each task reads a band of kTaskRows whole rows of w in memory order, kBand rows at a time,
 // prefetching each row kPrefetch floats ahead, into its thread's own (M, N) sums, which stay
-// in L1; the threads' sums are added at the end. Small tasks let the calling thread take over
-// the work of a pool thread that wakes late.
+// in L1; the threads' sums are added at the end. The tasks run on threads of igpt's own that
+// spin between calls (`Spinners`); small tasks let the caller take over the work of one that
+// is late.
 
 constexpr int kMaxRows = 4;
 constexpr int kBand = 8;
 constexpr int kTaskRows = 64;
 constexpr int kPrefetch = 256;
+constexpr int64_t kMaxWorkers = 8;
 
 // acc (M x N) += x[:, k0:k1] w[k0:k1, :], for x (M x K) and w (K x N), both row-major.
 template <int M>
@@ -518,14 +523,99 @@ void matvec_band(const float* x, int64_t K, const float* w, int64_t N, int64_t k
   }
 }
 
+// A spinning thread's pause between two looks at shared state.
+inline void relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
+// Threads of igpt's own that run the matvec kernel's tasks beside the caller. Between two
+// products of a decode step (a few to tens of microseconds apart) they spin, so that each call
+// finds them awake: a thread of XLA's pool, woken per call, started too late to help with a
+// 1 MiB product. After kSpin of no work they sleep until the next call.
+class Spinners {
+ public:
+  explicit Spinners(int64_t helpers) : helpers_(helpers) {
+    for (int64_t i = 1; i <= helpers; ++i) std::thread([this, i] { Loop(i); }).detach();
+  }
+  int64_t workers() const { return helpers_ + 1; }
+
+  // Runs f(i, worker) for i = 0 ... n - 1, each once, on the caller (worker 0) and the
+  // helpers; returns when all are done.
+  template <typename F>
+  void Run(int64_t n, const F& f) {
+    auto job = std::make_shared<Job>();
+    job->n = n;
+    job->f = [&f](int64_t i, int64_t worker) { f(i, worker); };
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      job_ = job;
+      generation_.fetch_add(1, std::memory_order_release);
+    }
+    cv_.notify_all();
+    Work(*job, 0);
+    while (job->done.load(std::memory_order_acquire) < n) relax();
+  }
+
+ private:
+  struct Job {
+    int64_t n = 0;
+    std::function<void(int64_t, int64_t)> f;
+    std::atomic<int64_t> next{0}, done{0};
+  };
+  static constexpr auto kSpin = std::chrono::microseconds(200);
+
+  static void Work(Job& job, int64_t worker) {
+    for (int64_t i; (i = job.next.fetch_add(1)) < job.n;) {
+      job.f(i, worker);
+      job.done.fetch_add(1, std::memory_order_release);
+    }
+  }
+
+  void Loop(int64_t worker) {
+    uint64_t seen = 0;
+    for (;;) {
+      const auto start = std::chrono::steady_clock::now();
+      while (generation_.load(std::memory_order_acquire) == seen) {
+        if (std::chrono::steady_clock::now() - start < kSpin) {
+          relax();
+          continue;
+        }
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_.wait(lock, [&] { return generation_.load() != seen; });
+      }
+      std::shared_ptr<Job> job;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        job = job_;
+        seen = generation_.load();
+      }
+      Work(*job, worker);
+    }
+  }
+
+  const int64_t helpers_;
+  std::atomic<uint64_t> generation_{0};
+  std::shared_ptr<Job> job_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+};
+
 template <int M>
 void matvec(ffi::ThreadPool& pool, const float* x, const float* w, int64_t K, int64_t N,
             float* y) {
+  // At most kMaxWorkers threads: measured on 2 cores only; a few cores' reads fill a memory
+  // channel, and threads past that would only spin.
+  static Spinners* spinners =  // never freed
+      new Spinners(std::max<int64_t>(0, std::min<int64_t>(pool.num_threads(), kMaxWorkers) - 1));
   const int64_t tasks = (K + kTaskRows - 1) / kTaskRows;
   const int64_t size = M * N;
   std::memset(y, 0, size * sizeof(float));  // worker 0's sums
-  std::vector<float> sums((workers(pool, tasks) - 1) * size, 0.f);  // the other workers'
-  parallel_for(pool, tasks, [&](int64_t i, int64_t worker) {
+  std::vector<float> sums((spinners->workers() - 1) * size, 0.f);  // the other workers'
+  spinners->Run(tasks, [&](int64_t i, int64_t worker) {
     float* acc = worker == 0 ? y : sums.data() + (worker - 1) * size;
     matvec_band<M>(x, K, w, N, i * kTaskRows, std::min<int64_t>(K, (i + 1) * kTaskRows), acc);
   });

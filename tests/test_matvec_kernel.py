@@ -4,6 +4,8 @@ gradients with it, and a wide model's cached decoding against its full forward p
 
 from __future__ import annotations
 
+import concurrent.futures
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -83,3 +85,20 @@ def test_a_narrow_models_decoding_keeps_xlas_products():
     caches = split_layers(init_cache(config, 1)["h"], config.n_layer)
     step = jax.jit(lambda caches, x: decode_step(config, params, layers, caches, x, 0))
     assert "igpt_matvec" not in step.lower(caches, jnp.zeros((1, 1), jnp.int32)).as_text()
+
+
+def test_concurrent_calls_each_get_their_own_product():
+    # Calls from several threads at once share the kernel's spinning threads: each caller
+    # must still get its own sums, complete.
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(1024, 512)).astype(np.float32)
+    xs = rng.normal(size=(8, 2, 1024)).astype(np.float32)
+    product = jax.jit(cpu_kernels.matvec)
+    expected = [x.astype(np.float64) @ w for x in xs]
+
+    def check(i):
+        for _ in range(20):
+            np.testing.assert_allclose(product(xs[i], w), expected[i], atol=1e-3, rtol=0)
+
+    with concurrent.futures.ThreadPoolExecutor(len(xs)) as pool:
+        list(pool.map(check, range(len(xs))))
