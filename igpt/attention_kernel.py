@@ -66,3 +66,32 @@ def attention(qkv_BxTx3xHxK: jax.Array, scale: jax.Array | float, *, causal: boo
     if cpu_kernels.library() is None:
         raise RuntimeError("igpt's CPU attention kernel is not available; see the warning above")
     return _attention(qkv_BxTx3xHxK.astype(jnp.float32), jnp.asarray(scale, jnp.float32), causal)
+
+
+def decode(
+    qkv_Bx1x3xHxK: jax.Array,
+    keys_BxHxKxS: jax.Array,
+    values_BxHxSxK: jax.Array,
+    start: jax.Array,
+    scale: jax.Array | float,
+) -> jax.Array:
+    """Causal attention of one new token per sequence, in float32, over the first `start`
+    positions of a decoding cache (keys (B, H, K, S), values (B, H, S, K), the model's
+    layouts) and itself, from the projection's output (B, 1, 3, H, K); returns (B, 1, H, K).
+    Reads only the filled positions. Not differentiable; call `available(K)` first."""
+    if cpu_kernels.library() is None:
+        raise RuntimeError("igpt's CPU attention kernel is not available; see the warning above")
+    b, _, _, h, k = qkv_Bx1x3xHxK.shape
+    call = jax.ffi.ffi_call(
+        cpu_kernels.DECODE_ATTENTION,
+        jax.ShapeDtypeStruct((b, 1, h, k), jnp.float32),
+        vmap_method="sequential",
+    )
+    f32 = jnp.float32
+    return call(
+        qkv_Bx1x3xHxK.astype(f32),
+        keys_BxHxKxS.astype(f32),
+        values_BxHxSxK.astype(f32),
+        jnp.asarray(start, jnp.int32),
+        jnp.asarray(scale, f32),
+    )

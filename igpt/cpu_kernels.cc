@@ -483,6 +483,8 @@ constexpr int kBand = 8;
 constexpr int kTaskRows = 64;
 constexpr int kPrefetch = 256;
 constexpr int64_t kMaxWorkers = 8;
+// Less than this much of the cache to read, and decode attention runs on the calling thread.
+constexpr size_t kMinParallelBytes = 256 << 10;
 
 // acc (M x N) += x[:, k0:k1] w[k0:k1, :], for x (M x K) and w (K x N), both row-major.
 template <int M>
@@ -604,13 +606,19 @@ class Spinners {
   std::condition_variable cv_;
 };
 
+// The decoding kernels' threads, started on first use: at most kMaxWorkers, the caller
+// included (measured on 2 cores only; a few cores' reads fill a memory channel, and threads
+// past that would only spin).
+Spinners* decode_threads(ffi::ThreadPool& pool) {
+  static Spinners* spinners =  // never freed
+      new Spinners(std::max<int64_t>(0, std::min<int64_t>(pool.num_threads(), kMaxWorkers) - 1));
+  return spinners;
+}
+
 template <int M>
 void matvec(ffi::ThreadPool& pool, const float* x, const float* w, int64_t K, int64_t N,
             float* y) {
-  // At most kMaxWorkers threads: measured on 2 cores only; a few cores' reads fill a memory
-  // channel, and threads past that would only spin.
-  static Spinners* spinners =  // never freed
-      new Spinners(std::max<int64_t>(0, std::min<int64_t>(pool.num_threads(), kMaxWorkers) - 1));
+  Spinners* spinners = decode_threads(pool);
   const int64_t tasks = (K + kTaskRows - 1) / kTaskRows;
   const int64_t size = M * N;
   std::memset(y, 0, size * sizeof(float));  // worker 0's sums
@@ -637,6 +645,82 @@ ffi::Error Matvec(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi
     case 2: matvec<2>(pool, xp, wp, K, N, yp); break;
     case 3: matvec<3>(pool, xp, wp, K, N, yp); break;
     default: matvec<4>(pool, xp, wp, K, N, yp); break;
+  }
+  return ffi::Error::Success();
+}
+
+// Attention of one new token per sequence over a decoding cache: keys (B, H, K, S) and values
+// (B, H, S, K) as the model caches them, of which the first `start` positions are filled, and
+// the new token's own query, key and value from the projection's (B, 1, 3, H, K) output.
+//
+// Why: XLA's decode step reads the whole cache, filled or not, in two batched products per
+// layer (at 10-12 GB/s in the S sampler), with the softmax and its mask between them in
+// separate kernels. Here each (batch row, head) task reads only the filled positions, once.
+void decode_head(const float* qkv, const float* keys, const float* values, int64_t H,
+                 int64_t K, int64_t S, int64_t n, float scale, int64_t b, int64_t h,
+                 float* out) {
+  const float* q = qkv + b * 3 * H * K + h * K;
+  const float* k_new = q + H * K;
+  const float* v_new = k_new + H * K;
+  const float* kc = keys + (b * H + h) * K * S;    // K rows of S
+  const float* vc = values + (b * H + h) * S * K;  // S rows of K
+  const int64_t full = n / W * W;
+  float* e = scratch(n + 1);  // the scores, then their exponentials
+  std::memset(e, 0, n * sizeof(float));
+  for (int64_t k = 0; k < K; ++k) {
+    const vf qk = splat(q[k]);
+    const float* row = kc + k * S;
+    for (int64_t s = 0; s < full; s += W) store(e + s, load(e + s) + qk * load(row + s));
+    for (int64_t s = full; s < n; ++s) e[s] += q[k] * row[s];
+  }
+  float own = 0.f;
+  for (int64_t k = 0; k < K; ++k) own += q[k] * k_new[k];
+  e[n] = own;
+  float top = -INFINITY;
+  for (int64_t s = 0; s <= n; ++s) top = std::max(top, e[s] *= scale);
+  float total = 0.f;
+  vf totals = splat(0.f);
+  for (int64_t s = 0; s < full; s += W) {
+    const vf x = vexp(load(e + s) - top);
+    store(e + s, x);
+    totals += x;
+  }
+  for (int64_t s = full; s <= n; ++s) total += e[s] = std::exp(e[s] - top);
+  total += hsum(totals);
+  float acc[kMaxWidth];  // the values' weighted sum, row by row of the cache
+  for (int64_t j = 0; j < K; j += W) store(acc + j, splat(e[n]) * load(v_new + j));
+  for (int64_t s = 0; s < n; ++s) {
+    const vf p = splat(e[s]);
+    for (int64_t j = 0; j < K; j += W) store(acc + j, load(acc + j) + p * load(vc + s * K + j));
+  }
+  float* o = out + (b * H + h) * K;
+  for (int64_t j = 0; j < K; j += W) store(o + j, load(acc + j) * (1.f / total));
+}
+
+ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
+                           ffi::Buffer<ffi::F32> keys, ffi::Buffer<ffi::F32> values,
+                           ffi::Buffer<ffi::S32> start, ffi::Buffer<ffi::F32> scale,
+                           ffi::ResultBuffer<ffi::F32> out) {
+  const auto d = qkv.dimensions(), kd = keys.dimensions(), vd = values.dimensions();
+  if (d.size() != 5 || d[1] != 1 || d[2] != 3 || kd.size() != 4 || vd.size() != 4 ||
+      kd[0] != d[0] || kd[1] != d[3] || kd[2] != d[4] || vd[0] != d[0] || vd[1] != d[3] ||
+      vd[2] != kd[3] || vd[3] != d[4] || d[4] % W != 0 || d[4] > kMaxWidth)
+    return ffi::Error::InvalidArgument(
+        "igpt decode attention: qkv must be (B, 1, 3, H, K), keys (B, H, K, S) and values "
+        "(B, H, S, K), with K a multiple of " + std::to_string(W) + " up to " +
+        std::to_string(kMaxWidth));
+  const int64_t B = d[0], H = d[3], K = d[4], S = kd[3];
+  const int64_t n = std::clamp<int64_t>(start.typed_data()[0], 0, S);
+  const float s = scale.typed_data()[0];
+  auto head = [&](int64_t i, int64_t) {
+    decode_head(qkv.typed_data(), keys.typed_data(), values.typed_data(), H, K, S, n, s, i / H,
+                i % H, out->typed_data());
+  };
+  // A cache that small is read faster than another thread wakes.
+  if (2 * B * H * n * K * sizeof(float) < kMinParallelBytes) {
+    for (int64_t i = 0; i < B * H; ++i) head(i, 0);
+  } else {
+    decode_threads(pool)->Run(B * H, head);
   }
   return ffi::Error::Success();
 }
@@ -676,3 +760,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(IgptMatvec, Matvec,
 
 // The most rows of x igpt_matvec takes.
 extern "C" int igpt_matvec_max_rows() { return kMaxRows; }
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(IgptDecodeAttention, DecodeAttention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // qkv
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // keys
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // values
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // start
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // scale
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // out

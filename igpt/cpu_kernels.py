@@ -31,7 +31,7 @@ from igpt import runtime
 _SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 ATTENTION_FORWARD, ATTENTION_BACKWARD = "igpt_attention_forward", "igpt_attention_backward"
-MATVEC = "igpt_matvec"
+DECODE_ATTENTION, MATVEC = "igpt_decode_attention", "igpt_matvec"
 
 
 def _build(compiler: str) -> Path:
@@ -85,6 +85,7 @@ def library() -> ctypes.CDLL | None:
     for target, handler in [
         (ATTENTION_FORWARD, lib.IgptAttentionForward),
         (ATTENTION_BACKWARD, lib.IgptAttentionBackward),
+        (DECODE_ATTENTION, lib.IgptDecodeAttention),
         (MATVEC, lib.IgptMatvec),
     ]:
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), "cpu")

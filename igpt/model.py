@@ -152,7 +152,7 @@ class Attention(nn.Module):
         if cfg.scale_attn_by_inverse_layer_idx:
             scale = scale / (layer_idx + 1).astype(jnp.float32)
         if self.decode and self.has_variable("cache", "key"):
-            out_BxTxHxK = self._attend_with_cache(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, start, scale)
+            out_BxTxHxK = self._attend_with_cache(qkv, start, scale)
         else:
             if self.decode:  # creating the cache: its length is that of these ids
                 self.variable("cache", "key", jnp.zeros, _keys_layout(k_BxTxHxK).shape, dtype)
@@ -192,6 +192,17 @@ class Attention(nn.Module):
             and target_platform() == "cpu"
             and (self.deterministic or not cfg.attn_pdrop)
             and attention_kernel.available(cfg.head_dim)
+        )
+
+    def _use_decode_kernel(self) -> bool:
+        """Whether a decoding call of one token per sequence attends in igpt's CPU kernel
+        (`attention_kernel.decode`): where the fused kernel would run, with a float32 cache,
+        outside a device mesh. It reads only the filled positions of the cache; XLA's
+        products read it whole, and the softmax between them ran as separate kernels."""
+        return (
+            self._use_kernel()
+            and self.config.compute_dtype == jnp.float32
+            and jax.sharding.get_abstract_mesh().empty
         )
 
     def _probs(self, scores_BxHxTxS, allowed_TxS, scale) -> jax.Array:
@@ -240,9 +251,10 @@ class Attention(nn.Module):
         out_BxHxTxK = jnp.concatenate(blocks, axis=2) if len(blocks) > 1 else blocks[0]
         return jnp.transpose(out_BxHxTxK, (0, 2, 1, 3))
 
-    def _attend_with_cache(self, q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, start, scale) -> jax.Array:
+    def _attend_with_cache(self, qkv_BxTx3xHxK, start, scale) -> jax.Array:
         """Attention over the cached positions before `start` and this call's tokens, which
         are then written into the cache at `start`."""
+        q_BxTxHxK, k_BxTxHxK, v_BxTxHxK = (qkv_BxTx3xHxK[:, :, i] for i in range(3))
         key = self.variable("cache", "key")
         value = self.variable("cache", "value")
         old_k_BxHxKxS, old_v_BxHxSxK = key.value, value.value
@@ -253,6 +265,10 @@ class Attention(nn.Module):
         value.value = jax.lax.dynamic_update_slice(old_v_BxHxSxK, new_v_BxHxTxK, (0, 0, start, 0))
 
         t, s = q_BxTxHxK.shape[1], old_k_BxHxKxS.shape[-1]
+        if t == 1 and self._use_decode_kernel():
+            return attention_kernel.decode(
+                qkv_BxTx3xHxK, old_k_BxHxKxS, old_v_BxHxSxK, start, scale
+            )
         old_scores = precision.einsum("bthk,bhks->bhts", q_BxTxHxK, old_k_BxHxKxS, dtype)
         new_scores = precision.einsum("bthk,bhku->bhtu", q_BxTxHxK, new_k_BxHxKxT, dtype)
         allowed_TxS = jnp.concatenate(

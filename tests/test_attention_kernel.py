@@ -180,3 +180,35 @@ def test_a_sharded_step_with_the_kernel_matches_one_device():
         "assert 'igpt_attention_forward' in _lowered_eval_step(CONFIG, (2, 2, 2))"
     )
     sharded_steps_match_one_device("CONFIG", setup)
+
+
+# Filled positions below one vector, past whole vectors, none, all; the last case reads
+# enough of the cache to run on several threads.
+@pytest.mark.parametrize(
+    "b, h, k, s, start",
+    [
+        (2, 3, 16, 40, 5),
+        (1, 2, 32, 40, 37),
+        (2, 1, 64, 40, 0),
+        (1, 3, 16, 40, 40),
+        (2, 8, 64, 600, 530),
+    ],
+)
+def test_decode_attention_equals_plain_attention_over_the_filled_cache(b, h, k, s, start):
+    assert attention_kernel.available(k), "the kernel must build on test machines"
+    rng = np.random.default_rng(start)
+    qkv = rng.normal(size=(b, 1, 3, h, k)).astype(np.float32)
+    keys = rng.normal(size=(b, h, k, s)).astype(np.float32)
+    values = rng.normal(size=(b, h, s, k)).astype(np.float32)
+    keys[..., start:] = values[:, :, start:] = 1e6  # unfilled: must not be read
+    scale = np.float32(0.2)
+    got = jax.jit(attention_kernel.decode)(qkv, keys, values, start, scale)
+
+    # The same attention over the filled positions and the token itself, as a sequence:
+    # the last query of plain causal attention.
+    seq = np.zeros((b, start + 1, 3, h, k), np.float32)
+    seq[:, :start, 1] = np.moveaxis(keys[..., :start], 3, 1)
+    seq[:, :start, 2] = np.moveaxis(values[:, :, :start], 2, 1)
+    seq[:, start] = qkv[:, 0]
+    expected = _plain_attention(seq, scale, causal=True)[:, -1:]
+    np.testing.assert_allclose(got, expected, atol=2e-5, rtol=0)

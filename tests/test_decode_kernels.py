@@ -1,6 +1,8 @@
-"""igpt's matrix-vector kernel (igpt/cpu_kernels.cc), which a decode step's dense products of
-a few rows take on CPUs: its values against float64 products, a dense layer's values and
-gradients with it, and a wide model's cached decoding against its full forward pass."""
+"""igpt's decoding kernels on CPUs (igpt/cpu_kernels.cc): the matrix-vector kernel, which dense
+products of a few rows take, against float64 products, a dense layer's values and gradients
+with it, concurrent calls; and a wide model's cached decoding, with it and the decode attention
+kernel, against its full forward pass. The decode attention kernel's own values are tested in
+test_attention_kernel.py."""
 
 from __future__ import annotations
 
@@ -61,7 +63,7 @@ WIDE = igpt.ModelConfig(n_embd=512, n_layer=2, n_head=8, n_positions=12)
 
 
 @pytest.mark.parametrize("batch", [1, 3])
-def test_cached_decoding_of_a_wide_model_takes_the_kernel_and_matches_the_full_forward(batch):
+def test_cached_decoding_of_a_wide_model_takes_the_kernels_and_matches_the_full_forward(batch):
     params = random_igpt_params(WIDE, seed=batch, noise=0.05)
     ids = np.random.default_rng(batch).integers(0, 512, (batch, WIDE.n_positions))
     ids[:, 0] = WIDE.sos_id
@@ -73,6 +75,7 @@ def test_cached_decoding_of_a_wide_model_takes_the_kernel_and_matches_the_full_f
     text = step.lower(caches, jnp.asarray(ids[:, :1]), jnp.int32(0)).as_text()
     # Per layer: the projections in and out of attention and the two MLP layers; the head.
     assert text.count("custom_call @igpt_matvec") == 4 * WIDE.n_layer + 1
+    assert text.count("custom_call @igpt_decode_attention") == WIDE.n_layer
     for t in range(WIDE.n_positions):
         logits, caches = step(caches, jnp.asarray(ids[:, t : t + 1]), jnp.int32(t))
         np.testing.assert_allclose(logits[:, 0], full[:, t], atol=1e-4, rtol=0)
