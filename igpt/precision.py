@@ -13,7 +13,8 @@ does, and each gradient product returns float32.
 On CPUs the gradient products that contract the rows of both operands (a dense layer's weight
 gradient, attention's key and value gradients) get their operands in the layout XLA's fast
 kernels take (`_contract_rows`). Dense layers take this path in float32 too (no rounding
-then); attention's float32 products stay the plain ones.
+then); attention's float32 products stay the plain ones. A float32 dense product of a few rows
+(a decode step's) goes to igpt's matrix-vector kernel there (`_forward_product`).
 """
 
 from __future__ import annotations
