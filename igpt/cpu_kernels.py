@@ -1,6 +1,6 @@
 """igpt's CPU kernels (`cpu_kernels.cc`, XLA FFI custom calls): building and loading them, and
-the decode step's matrix-vector product. The attention kernel's differentiable function is in
-`igpt.attention_kernel`.
+the decode step's matrix-vector product. The attention kernels (the differentiable fused
+attention, decode attention) are called through `igpt.attention_kernel`.
 
 The C++ source is compiled on first use with the host's C++ compiler (`$CXX`, else `c++`),
 against the headers of the jaxlib that will load it and for the host CPU (`-march=native`),
@@ -67,7 +67,7 @@ def library() -> ctypes.CDLL | None:
     if shutil.which(compiler) is None:
         warnings.warn(
             f"igpt: no C++ compiler {compiler!r} found (set $CXX), so igpt's CPU kernels "
-            "(attention, decoding's matrix-vector products) run as XLA's slower operations",
+            "(attention, decoding) run as XLA's slower operations",
             stacklevel=3,
         )
         return None
@@ -78,7 +78,7 @@ def library() -> ctypes.CDLL | None:
         first_error = next((line for line in lines if "error" in line), lines[-1])
         warnings.warn(
             f"igpt: building igpt's CPU kernels failed ({first_error.strip()}), so attention "
-            "and decoding's matrix-vector products run as XLA's operations",
+            "and decoding run as XLA's operations",
             stacklevel=3,
         )
         return None
@@ -100,8 +100,9 @@ def matvec_takes(rows: int) -> bool:
 
 def matvec(x_MxK: jax.Array, w_KxN: jax.Array) -> jax.Array:
     """x w in float32 for an x of few rows (`matvec_takes`), reading w once, in memory order,
-    on every thread of XLA's pool: a decode step's dense products. Not differentiable; CPUs
-    only, outside a device mesh (XLA cannot partition a custom call)."""
+    on up to 8 threads (the kernel's own, which spin between calls): a decode step's dense
+    products. Not differentiable; CPUs only, outside a device mesh (XLA cannot partition a
+    custom call)."""
     if not matvec_takes(x_MxK.shape[0]):
         raise ValueError(f"igpt's matvec kernel does not take {x_MxK.shape[0]} rows here")
     out = jax.ShapeDtypeStruct((x_MxK.shape[0], w_KxN.shape[1]), jnp.float32)
