@@ -228,14 +228,8 @@ void pack_head(const float* src, int64_t stride, const Dims& d, float* dst) {
   }
 }
 
-// The threads parallel_for runs n tasks on: the caller and up to all of XLA's intra-op pool.
-inline int64_t workers(ffi::ThreadPool& pool, int64_t n) {
-  return std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), n));
-}
-
-// Runs f(i, worker) for i = 0 ... n - 1, each once, on the calling thread (worker 0) and
-// workers(pool, n) - 1 threads of XLA's intra-op pool (workers 1, 2, ...). The caller waits
-// only for tasks that were started: a helper the pool starts late finds no work left and
+// Runs f(0) ... f(n - 1) on the calling thread and XLA's intra-op thread pool. The caller
+// waits only for tasks that were started: a helper the pool starts late finds no work left and
 // touches nothing but the shared counters, so the call cannot deadlock on a busy pool.
 template <typename F>
 void parallel_for(ffi::ThreadPool& pool, int64_t n, const F& f) {
@@ -245,18 +239,18 @@ void parallel_for(ffi::ThreadPool& pool, int64_t n, const F& f) {
     std::condition_variable cv;
   };
   auto state = std::make_shared<State>();
-  auto work = [state, n, &f](int64_t worker) {
+  auto work = [state, n, &f] {
     for (int64_t i; (i = state->next.fetch_add(1)) < n;) {
-      f(i, worker);
+      f(i);
       if (state->done.fetch_add(1) + 1 == n) {
         std::lock_guard<std::mutex> lock(state->mu);
         state->cv.notify_all();
       }
     }
   };
-  for (int64_t helper = 1; helper < workers(pool, n); ++helper)
-    pool.Schedule([work, helper] { work(helper); });
-  work(0);
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), n) - 1;
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule(decltype(work)(work));
+  work();
   std::unique_lock<std::mutex> lock(state->mu);
   state->cv.wait(lock, [&] { return state->done.load() == n; });
 }
@@ -442,7 +436,7 @@ ffi::Error for_each_head(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& qkv
   Dims d;
   if (ffi::Error e = dims_of(qkv, causal, &d); e.failure()) return e;
   return with_width(d.K, [&](auto nv) {
-    parallel_for(pool, d.B * d.H, [&](int64_t i, int64_t) { f(nv, d, i / d.H, i % d.H); });
+    parallel_for(pool, d.B * d.H, [&](int64_t i) { f(nv, d, i / d.H, i % d.H); });
   });
 }
 
