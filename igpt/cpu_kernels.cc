@@ -480,14 +480,35 @@ constexpr int64_t kMaxWorkers = 8;
 // Less than this much of the cache to read, and decode attention runs on the calling thread.
 constexpr size_t kMinParallelBytes = 256 << 10;
 
-// acc (M x N) += x[:, k0:k1] w[k0:k1, :], for x (M x K) and w (K x N), both row-major.
-template <int M>
-void matvec_band(const float* x, int64_t K, const float* w, int64_t N, int64_t k0, int64_t k1,
+// A weight's floats: float32 as it is, bfloat16 (its bits, the top half of a float32's)
+// widened.
+inline float widen(float w) { return w; }
+inline float widen(uint16_t w) {
+  const uint32_t bits = static_cast<uint32_t>(w) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+inline vf load(const uint16_t* p) {
+  typedef uint16_t vh __attribute__((vector_size(W * sizeof(uint16_t))));
+  typedef uint32_t vu __attribute__((vector_size(W * sizeof(uint32_t))));
+  vh h;
+  std::memcpy(&h, p, sizeof h);
+  const vu bits = __builtin_convertvector(h, vu) << 16;
+  vf v;
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+}
+
+// acc (M x N) += x[:, k0:k1] w[k0:k1, :], for x (M x K) and w (K x N), both row-major; w's
+// elements are float32 or bfloat16 (T = uint16_t).
+template <int M, typename T>
+void matvec_band(const float* x, int64_t K, const T* w, int64_t N, int64_t k0, int64_t k1,
                  float* acc) {
   const int64_t full = N / W * W;
   for (int64_t k = k0; k < k1; k += kBand) {
     const int rows = static_cast<int>(std::min<int64_t>(kBand, k1 - k));
-    const float* band = w + k * N;
+    const T* band = w + k * N;
     float a[M][kBand] = {};
     for (int m = 0; m < M; ++m)
       for (int r = 0; r < rows; ++r) a[m][r] = x[m * K + k + r];
@@ -515,7 +536,7 @@ void matvec_band(const float* x, int64_t K, const float* w, int64_t N, int64_t k
     }
     for (int64_t n = full; n < N; ++n)  // the columns past whole vectors
       for (int m = 0; m < M; ++m)
-        for (int r = 0; r < rows; ++r) acc[m * N + n] += a[m][r] * band[r * N + n];
+        for (int r = 0; r < rows; ++r) acc[m * N + n] += a[m][r] * widen(band[r * N + n]);
   }
 }
 
@@ -609,9 +630,8 @@ Spinners* decode_threads(ffi::ThreadPool& pool) {
   return spinners;
 }
 
-template <int M>
-void matvec(ffi::ThreadPool& pool, const float* x, const float* w, int64_t K, int64_t N,
-            float* y) {
+template <int M, typename T>
+void matvec(ffi::ThreadPool& pool, const float* x, const T* w, int64_t K, int64_t N, float* y) {
   Spinners* spinners = decode_threads(pool);
   const int64_t tasks = (K + kTaskRows - 1) / kTaskRows;
   const int64_t size = M * N;
@@ -624,22 +644,33 @@ void matvec(ffi::ThreadPool& pool, const float* x, const float* w, int64_t K, in
   for (size_t j = 0; j < sums.size(); ++j) y[j % size] += sums[j];
 }
 
-ffi::Error Matvec(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+template <typename T>
+void matvec_rows(ffi::ThreadPool& pool, int64_t M, const float* x, const T* w, int64_t K,
+                 int64_t N, float* y) {
+  switch (M) {
+    case 1: matvec<1>(pool, x, w, K, N, y); break;
+    case 2: matvec<2>(pool, x, w, K, N, y); break;
+    case 3: matvec<3>(pool, x, w, K, N, y); break;
+    default: matvec<4>(pool, x, w, K, N, y); break;
+  }
+}
+
+ffi::Error Matvec(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
                   ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions(), wd = w.dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[0] || xd[0] < 1 || xd[0] > kMaxRows)
+  const bool bf16 = w.element_type() == ffi::DataType::BF16;
+  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[0] || xd[0] < 1 || xd[0] > kMaxRows ||
+      !(bf16 || w.element_type() == ffi::DataType::F32))
     return ffi::Error::InvalidArgument("igpt matvec: x must be (M, K) with M <= " +
-                                       std::to_string(kMaxRows) + " and w (K, N)");
-  const int64_t K = xd[1], N = wd[1];
-  const float* xp = x.typed_data();
-  const float* wp = w.typed_data();
-  float* yp = y->typed_data();
-  switch (xd[0]) {
-    case 1: matvec<1>(pool, xp, wp, K, N, yp); break;
-    case 2: matvec<2>(pool, xp, wp, K, N, yp); break;
-    case 3: matvec<3>(pool, xp, wp, K, N, yp); break;
-    default: matvec<4>(pool, xp, wp, K, N, yp); break;
-  }
+                                       std::to_string(kMaxRows) +
+                                       " and w (K, N), float32 or bfloat16");
+  const int64_t M = xd[0], K = xd[1], N = wd[1];
+  if (bf16)
+    matvec_rows(pool, M, x.typed_data(), static_cast<const uint16_t*>(w.untyped_data()), K, N,
+                y->typed_data());
+  else
+    matvec_rows(pool, M, x.typed_data(), static_cast<const float*>(w.untyped_data()), K, N,
+                y->typed_data());
   return ffi::Error::Success();
 }
 
@@ -749,7 +780,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(IgptMatvec, Matvec,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // x
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // w
+                                  .Arg<ffi::AnyBuffer>()  // w: float32 or bfloat16
                                   .Ret<ffi::Buffer<ffi::F32>>());  // y
 
 // The most rows of x igpt_matvec takes.

@@ -101,10 +101,11 @@ def matvec_takes(rows: int) -> bool:
 def matvec(x_MxK: jax.Array, w_KxN: jax.Array) -> jax.Array:
     """x w in float32 for an x of few rows (`matvec_takes`), reading w once, in memory order,
     on up to 8 threads (the kernel's own, which spin between calls): a decode step's dense
-    products. Not differentiable; CPUs only, outside a device mesh (XLA cannot partition a
-    custom call)."""
+    products. w is read as it is if bfloat16 (half the bytes to stream), else as float32. Not
+    differentiable; CPUs only, outside a device mesh (XLA cannot partition a custom call)."""
     if not matvec_takes(x_MxK.shape[0]):
         raise ValueError(f"igpt's matvec kernel does not take {x_MxK.shape[0]} rows here")
     out = jax.ShapeDtypeStruct((x_MxK.shape[0], w_KxN.shape[1]), jnp.float32)
     call = jax.ffi.ffi_call(MATVEC, out, vmap_method="sequential")
-    return call(x_MxK.astype(jnp.float32), w_KxN.astype(jnp.float32))
+    w_dtype = jnp.bfloat16 if w_KxN.dtype == jnp.bfloat16 else jnp.float32
+    return call(x_MxK.astype(jnp.float32), w_KxN.astype(w_dtype))

@@ -155,8 +155,11 @@ class Attention(nn.Module):
             out_BxTxHxK = self._attend_with_cache(qkv, start, scale)
         else:
             if self.decode:  # creating the cache: its length is that of these ids
-                self.variable("cache", "key", jnp.zeros, _keys_layout(k_BxTxHxK).shape, dtype)
-                self.variable("cache", "value", jnp.zeros, _values_layout(v_BxTxHxK).shape, dtype)
+                # float32 where the decode kernel reads it, as the fused kernel reads keys and
+                # values whatever the compute dtype.
+                cached = jnp.float32 if self._use_decode_kernel() else dtype
+                self.variable("cache", "key", jnp.zeros, _keys_layout(k_BxTxHxK).shape, cached)
+                self.variable("cache", "value", jnp.zeros, _values_layout(v_BxTxHxK).shape, cached)
             if self._use_kernel():
                 out_BxTxHxK = _kernel_attention(qkv, scale, cfg.causal)
             else:
@@ -196,14 +199,13 @@ class Attention(nn.Module):
 
     def _use_decode_kernel(self) -> bool:
         """Whether a decoding call of one token per sequence attends in igpt's CPU kernel
-        (`attention_kernel.decode`): where the fused kernel would run, with a float32 cache,
-        outside a device mesh. It reads only the filled positions of the cache; XLA's
-        products read it whole, and the softmax between them ran as separate kernels."""
-        return (
-            self._use_kernel()
-            and self.config.compute_dtype == jnp.float32
-            and jax.sharding.get_abstract_mesh().empty
-        )
+        (`attention_kernel.decode`): where the fused kernel would run, outside a device mesh.
+        Its cache is float32 whatever the compute dtype (the fused kernel too reads keys and
+        values in float32). It reads only the filled positions of the cache; XLA's products
+        read it whole, and the softmax between them ran as separate kernels. A bfloat16
+        cache also cost the bfloat16 sampler a copy of the whole cache per update and its
+        conversion to float32 for the products: 14 of its 24 ms per token at S."""
+        return self._use_kernel() and jax.sharding.get_abstract_mesh().empty
 
     def _probs(self, scores_BxHxTxS, allowed_TxS, scale) -> jax.Array:
         # Scores and softmax in float32 whatever the compute dtype: bf16 logits lose the
@@ -259,13 +261,13 @@ class Attention(nn.Module):
         value = self.variable("cache", "value")
         old_k_BxHxKxS, old_v_BxHxSxK = key.value, value.value
         dtype = self.config.compute_dtype
-        new_k_BxHxKxT = _keys_layout(k_BxTxHxK).astype(dtype)
-        new_v_BxHxTxK = _values_layout(v_BxTxHxK).astype(dtype)
+        new_k_BxHxKxT = _keys_layout(k_BxTxHxK).astype(old_k_BxHxKxS.dtype)
+        new_v_BxHxTxK = _values_layout(v_BxTxHxK).astype(old_v_BxHxSxK.dtype)
         key.value = jax.lax.dynamic_update_slice(old_k_BxHxKxS, new_k_BxHxKxT, (0, 0, 0, start))
         value.value = jax.lax.dynamic_update_slice(old_v_BxHxSxK, new_v_BxHxTxK, (0, 0, start, 0))
 
         t, s = q_BxTxHxK.shape[1], old_k_BxHxKxS.shape[-1]
-        if t == 1 and self._use_decode_kernel():
+        if t == 1 and old_k_BxHxKxS.dtype == jnp.float32 and self._use_decode_kernel():
             return attention_kernel.decode(
                 qkv_BxTx3xHxK, old_k_BxHxKxS, old_v_BxHxSxK, start, scale
             )
@@ -529,7 +531,8 @@ def count_params(params) -> int:
 
 def init_cache(config: ModelConfig, batch_size: int, length: int | None = None) -> dict:
     """An empty decoding cache for `batch_size` sequences of up to `length` tokens (default:
-    the full context). Keys/values are stored in the compute dtype."""
+    the full context). Keys and values are stored in float32 where igpt's decode attention
+    kernel reads them (CPUs), else in the compute dtype."""
     length = config.n_positions if length is None else length
     if not 0 < length <= config.n_positions:
         raise ValueError(f"cache length {length} must be in [1, n_positions={config.n_positions}]")

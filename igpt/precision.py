@@ -13,8 +13,9 @@ does, and each gradient product returns float32.
 On CPUs the gradient products that contract the rows of both operands (a dense layer's weight
 gradient, attention's key and value gradients) get their operands in the layout XLA's fast
 kernels take (`_contract_rows`). Dense layers take this path in float32 too (no rounding
-then); attention's float32 products stay the plain ones. A float32 dense product of a few rows
-(a decode step's) goes to igpt's matrix-vector kernel there (`_forward_product`).
+then); attention's float32 products stay the plain ones. A float32 or bfloat16 dense product
+of a few rows (a decode step's) goes to igpt's matrix-vector kernel there
+(`_forward_product`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from igpt import cpu_kernels
 
 # The spec `_dense_product` gives `einsum`: (tokens, inputs) x (inputs, outputs).
 _DENSE = "mk,kn->mn"
-# The smallest weight (in floats: 1 MiB) whose few-row products go to the matvec kernel.
+# The smallest weight (in elements: 1 MiB in float32) whose few-row products go to the matvec
+# kernel.
 _MATVEC_MIN_WEIGHTS = 1 << 18
 
 
@@ -105,9 +107,9 @@ def _rounded_einsum_fwd(spec, dtype, a, b):
 
 
 def _forward_product(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
-    """`einsum(spec, a, b)` in float32. On CPUs, outside a device mesh, a float32 dense product
-    of a few rows (a decode step's) whose weight would not stay in the caches goes to igpt's
-    matrix-vector kernel (`cpu_kernels.matvec`).
+    """`einsum(spec, a, b)` in float32. On CPUs, outside a device mesh, a float32 or bfloat16
+    dense product of a few rows (a decode step's) whose weight would not stay in the caches
+    goes to igpt's matrix-vector kernel (`cpu_kernels.matvec`).
 
     Decoding reads every weight once per token. In the S sampler on a 2-core Intel Xeon,
     XLA:CPU's products of one row read the weights at 16-22 GB/s (the (2048, 512) ones
@@ -117,7 +119,8 @@ def _forward_product(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
     """
     if (
         spec == _DENSE
-        and a.dtype == b.dtype == jnp.float32
+        and a.dtype == b.dtype
+        and a.dtype in (jnp.float32, jnp.bfloat16)
         and b.size >= _MATVEC_MIN_WEIGHTS
         and jax.default_backend() == "cpu"
         and jax.sharding.get_abstract_mesh().empty
