@@ -43,7 +43,7 @@ from igpt import data as data_lib
 from igpt.config import ModelConfig
 from igpt.flops import forward_flops, measure_matmul_peak
 from igpt.losses import next_token_loss
-from igpt.model import ImageGPT, count_params, init_params, param_shapes
+from igpt.model import ImageGPT, count_params, init_cache, init_params, param_shapes
 from igpt.sampling import sample
 from igpt.tokenizer import ColorTokenizer
 
@@ -77,11 +77,13 @@ def measure_bandwidth(mbytes: int = 256, repeats: int = 20) -> float:
 def sample_bytes_per_step(config: ModelConfig, batch: int, tokens: int) -> float:
     """Bytes one decode step of `batch` sequences must read at least, on average over samples
     of `tokens` tokens: every weight once, in the compute dtype (of the embedding tables only
-    one row each), and each sequence's keys and values of the positions before it."""
+    one row each), and each sequence's keys and values of the positions before it, in the
+    cache's dtype (float32 on CPUs whatever the compute dtype)."""
     shapes = {k: v for k, v in param_shapes(config).items() if k not in ("wte", "wpe")}
     cache = 2 * config.n_layer * config.n_embd * (tokens + 1) / 2
-    itemsize = jnp.dtype(config.compute_dtype).itemsize
-    return itemsize * (count_params(shapes) + batch * cache)
+    (cached, *_) = jax.tree.leaves(jax.eval_shape(lambda: init_cache(config, 1, tokens)))
+    weights = jnp.dtype(config.compute_dtype).itemsize * count_params(shapes)
+    return weights + cached.dtype.itemsize * batch * cache
 
 
 def _timed(fn) -> float:
