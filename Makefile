@@ -29,12 +29,13 @@ demo: $(VENV)/.run
 # The tests run with malloc's tunables as the entry points set them, on one worker per core
 # (pytest-xdist), each taking whole files so that a module's fixtures are built once. The suite
 # is mostly single-threaded compilation and process start-up: on 2 cores it took 11 min 47 s
-# so, against 16-19 min in one process.
+# so, against 16-19 min in one process. At most 4 workers: one process running the whole
+# suite held about 3 GB.
 test: $(VENV)/.test
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	GLIBC_TUNABLES=$$($(PY) -c "import igpt.runtime as r; print(r.TUNABLES)") \
-	  $(PY) -m pytest -q -n auto --dist loadfile
+	  $(PY) -m pytest -q -n auto --maxprocesses=4 --dist loadfile
 
 # The TPU compiler (libtpu, the version jax names for its tpu extra), beside the venv and not
 # in it: importable, it makes every JAX process on a CPU machine look for a TPU and warn.
