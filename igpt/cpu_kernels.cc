@@ -1,5 +1,6 @@
-// igpt's CPU kernels, XLA FFI custom calls in float32: fused attention (forward and backward),
-// and for decoding, attention over the cache and matrix-vector products.
+// igpt's CPU kernels, XLA FFI custom calls computing in float32: fused attention (forward and
+// backward), and for decoding, attention over the cache and matrix-vector products (whose
+// weights may also be bfloat16).
 //
 // Attention. Why: on 2-core CPUs XLA ran attention's batched products of 32- and 64-wide heads
 // at a fifth to a third of the dense products' rate, and spent as long again on the mask,
