@@ -214,11 +214,22 @@ void gather_rows(const float* src, int64_t stride, const Dims& d, int64_t t0, fl
   }
 }
 
-// (T, K) strided -> (K, Tp) contiguous, zeros past T.
+// (T, K) strided -> (K, Tp) contiguous, zeros past T. With AVX-512, W positions of one
+// column are gathered into a vector at a time: element by element, the transpose took an
+// eighth of a 32-wide head's forward and backward passes.
 void transpose_head(const float* src, int64_t stride, const Dims& d, float* dst) {
+  int64_t t0 = 0;
+#ifdef __AVX512F__
+  const __m512i rows = _mm512_mullo_epi32(
+      _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+      _mm512_set1_epi32(static_cast<int32_t>(stride)));
+  for (; t0 + W <= d.T; t0 += W)
+    for (int64_t k = 0; k < d.K; ++k)
+      _mm512_storeu_ps(dst + k * d.Tp + t0, _mm512_i32gather_ps(rows, src + t0 * stride + k, 4));
+#endif
   for (int64_t k = 0; k < d.K; ++k) {
     float* row = dst + k * d.Tp;
-    for (int64_t t = 0; t < d.T; ++t) row[t] = src[t * stride + k];
+    for (int64_t t = t0; t < d.T; ++t) row[t] = src[t * stride + k];
     for (int64_t t = d.T; t < d.Tp; ++t) row[t] = 0.f;
   }
 }
