@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import functools
 import json
 import os
 import statistics
@@ -36,16 +35,22 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from benchmarks.profile import profile
 from igpt import data as data_lib
 from igpt.config import ModelConfig
 from igpt.flops import forward_flops, measure_matmul_peak
-from igpt.losses import next_token_loss
 from igpt.model import ImageGPT, count_params, init_cache, init_params, param_shapes
 from igpt.sampling import sample
+from igpt.sharding import global_batch, make_mesh
 from igpt.tokenizer import ColorTokenizer
+from igpt.train.config import pretrain_defaults
+from igpt.train.step import (
+    TrainState,
+    learning_rate_schedule,
+    make_optimizer,
+    make_train_step,
+)
 
 LEARNING_RATE = 1e-4
 BETAS = (0.9, 0.95)  # the paper's Adam betas
@@ -126,32 +131,31 @@ def igpt_forward(config: ModelConfig, params: dict, batch: int) -> Case:
     )
 
 
-def igpt_train(config: ModelConfig, params: dict, batch: int) -> Case:
-    """Loss, gradient and AdamW update in one jitted step whose state buffers are donated."""
-    model = ImageGPT(config)
-    optimizer = optax.adamw(LEARNING_RATE, b1=BETAS[0], b2=BETAS[1], weight_decay=0.0)
-    ids = jnp.asarray(random_ids(config, batch))
-
-    @functools.partial(jax.jit, donate_argnums=0)
-    def step(state, ids):
-        params, opt_state = state
-
-        def loss_fn(p):
-            return next_token_loss(model.apply({"params": p}, ids).logits, ids)
-
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return (optax.apply_updates(params, updates), opt_state), loss
-
+def igpt_train(config: ModelConfig, params: dict, batch: int, micro_batches: int = 1) -> Case:
+    """The trainer's own step (`igpt.train.step.make_train_step`, as `scripts/train.py` runs
+    it): loss and gradient over `micro_batches` accumulated micro-batches, then an AdamW update
+    at a constant rate; the state is donated."""
+    opt = pretrain_defaults().optimizer
+    opt.update(learning_rate=LEARNING_RATE, b1=BETAS[0], b2=BETAS[1], schedule="constant")
+    schedule = learning_rate_schedule(opt, 0, 1)
+    tx = make_optimizer(opt, schedule)
+    mesh = make_mesh((1, 1, 1))
+    step = make_train_step(config, tx, schedule, mesh, grad_accum_steps=micro_batches)
     own = jax.tree.map(jnp.copy, params)  # donated buffers must not be the caller's
-    state = [(own, optimizer.init(own))]
+    key = jax.random.key_data(jax.random.key(0))
+    state = [TrainState(jnp.zeros((), jnp.int32), own, tx.init(own), key)]
+    tokens = np.random.default_rng(0).integers(0, config.palette_size, (batch, config.n_positions))
+    labels = np.zeros(batch, np.int32)
+    data = global_batch(
+        {"tokens": tokens.astype(np.int32), "label": labels, "mask": np.ones(batch, bool)}, mesh
+    )
 
     def run():
-        state[0], loss = step(state[0], ids)
-        return loss.block_until_ready()
+        state[0], metrics = step(state[0], data)
+        return metrics["loss"].block_until_ready()
 
     def hlo():
-        return step.lower(state[0], ids).compile().as_text()
+        return step.lower(state[0], data).compile().as_text()
 
     flops = 3 * batch * forward_flops(config, config.n_positions)
     return Case("igpt", run, batch * config.n_positions, flops, hlo)
@@ -296,7 +300,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--layers", type=int, help="override n_layer")
     parser.add_argument("--heads", type=int, help="override n_head")
     parser.add_argument("--side", type=int, help="override the image side (n_positions=side^2)")
+    parser.add_argument(
+        "--vocab", type=int, help="override vocab_size (colours + SOS: Fashion-MNIST's is 17)"
+    )
     parser.add_argument("--batch", type=int, default=8, help="forward/train/loop batch")
+    parser.add_argument(
+        "--micro-batches",
+        type=int,
+        default=1,
+        help="train: accumulate the gradient over this many micro-batches, both sides",
+    )
     parser.add_argument(
         "--sample-batch", default="1,4,16", help="comma-separated sample batches (1,4,16)"
     )
@@ -339,6 +352,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             f"unknown --mode {unknown}; choose from forward, train, sample, tokenize, loop"
         )
     args.modes = modes
+    if args.micro_batches < 1 or args.batch % args.micro_batches:
+        parser.error(f"--micro-batches={args.micro_batches} must divide --batch={args.batch}")
     try:
         args.sample_batches = sorted({int(b) for b in args.sample_batch.split(",")})
     except ValueError:
@@ -354,7 +369,8 @@ def config_from_args(args: argparse.Namespace) -> ModelConfig:
         query_block=args.query_block,
         attention=args.attention,
     )
-    for flag, field in (("d", "n_embd"), ("layers", "n_layer"), ("heads", "n_head")):
+    fields = (("d", "n_embd"), ("layers", "n_layer"), ("heads", "n_head"), ("vocab", "vocab_size"))
+    for flag, field in fields:
         if getattr(args, flag) is not None:
             overrides[field] = getattr(args, flag)
     if args.side is not None:
@@ -374,6 +390,7 @@ def run(args: argparse.Namespace, emit: Callable[[dict], None]) -> list[dict]:
         layers=config.n_layer,
         heads=config.n_head,
         side=config.image_side,
+        vocab=config.vocab_size,
         params=count_params(param_shapes(config)),
     )
     records = [machine_info(args.threads, args.dtype)]
@@ -392,9 +409,9 @@ def run(args: argparse.Namespace, emit: Callable[[dict], None]) -> list[dict]:
                 cases.append(hf.forward_case(config, params, args.batch))
             plans.append((mode, args.batch, cases))
         elif mode == "train":
-            cases = [igpt_train(config, params, args.batch)]
+            cases = [igpt_train(config, params, args.batch, args.micro_batches)]
             if args.vs_hf:
-                cases.append(hf.train_case(config, params, args.batch))
+                cases.append(hf.train_case(config, params, args.batch, args.micro_batches))
             plans.append((mode, args.batch, cases))
         elif mode == "sample":
             for batch in args.sample_batches:
@@ -421,6 +438,8 @@ def run(args: argparse.Namespace, emit: Callable[[dict], None]) -> list[dict]:
             bandwidth = max(bandwidth, round(measure_bandwidth() / 1e9, 1) * 1e9)
         for result in results:
             record = dict(mode=mode, batch=batch, **shape, dtype=args.dtype, **result)
+            if mode == "train":
+                record["micro_batches"] = args.micro_batches
             if record["flops"] and "flops_per_s" not in record:
                 record["flops_per_s"] = round(record["flops"] / record["best_s"])
             if mode == "sample":
@@ -462,13 +481,16 @@ def format_table(records: list[dict]) -> str:
         f"{'mode':9} {'batch':>5} {'impl':18} {'per s':>12} {'GFLOP/s':>8} {'% peak':>7} "
         f"{'best s':>8} {'warm-up s':>9} {'ratio':>6} {'limit/s':>9} {'% limit':>7}",
     ]
+    # A train batch in micro-batches shows as batch/micro-batches (64/4).
+    micro = next((r["micro_batches"] for r in records if r.get("micro_batches", 1) > 1), 1)
     for r in records[1:]:
         if r["mode"] == "profile":
             lines.append(_profile_line(r))
             continue
+        batch = f"{r['batch']}/{micro}" if r["mode"] == "train" and micro > 1 else r["batch"]
         if "ratio" in r:
             ratio = f"{r['ratio']:.2f}"
-            lines.append(f"{r['mode']:9} {r['batch']:>5} {r['impl']:18} {'':>47} {ratio:>6}")
+            lines.append(f"{r['mode']:9} {batch:>5} {r['impl']:18} {'':>47} {ratio:>6}")
             continue
         unit = "img" if r["mode"] == "tokenize" else "tok"
         gflops = f"{r['flops_per_s'] / 1e9:.1f}" if r["flops_per_s"] else "-"
@@ -478,7 +500,7 @@ def format_table(records: list[dict]) -> str:
         if "limit_per_s" in r:
             limit = f" {'':>6} {r['limit_per_s']:>9.1f} {100 * r['fraction_of_limit']:>7.1f}"
         lines.append(
-            f"{r['mode']:9} {r['batch']:>5} {r['impl']:18} {r['per_s']:>8.1f} {unit}"
+            f"{r['mode']:9} {batch:>5} {r['impl']:18} {r['per_s']:>8.1f} {unit}"
             f" {gflops:>8} {peak:>7} {r['best_s']:>8.3f} {warmup}{limit}"
         )
     return "\n".join(lines)

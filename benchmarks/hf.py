@@ -51,21 +51,25 @@ def forward_case(config: ModelConfig, params: dict, batch: int) -> Case:
     return Case("transformers", run, batch * config.n_positions, flops)
 
 
-def train_case(config: ModelConfig, params: dict, batch: int) -> Case:
-    """transformers' own loss (`labels=input_ids`), backward, AdamW step."""
+def train_case(config: ModelConfig, params: dict, batch: int, micro_batches: int = 1) -> Case:
+    """transformers' own loss (`labels=input_ids`) and backward pass over `micro_batches`
+    micro-batches, their gradients accumulated, then an AdamW step."""
     model = hf_model(config, params).train()
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=LEARNING_RATE, betas=BETAS, weight_decay=0.0
     )
-    ids = torch.from_numpy(random_ids(config, batch)).long()
+    chunks = torch.from_numpy(random_ids(config, batch)).long().chunk(micro_batches)
 
     def run():
-        with _autocast(config):
-            loss = model(ids, labels=ids).loss
-        loss.backward()
+        total = 0.0
+        for ids in chunks:
+            with _autocast(config):
+                loss = model(ids, labels=ids).loss / micro_batches
+            loss.backward()
+            total += loss.item()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return loss.item()
+        return total
 
     flops = 3 * batch * forward_flops(config, config.n_positions)
     return Case("transformers", run, batch * config.n_positions, flops)

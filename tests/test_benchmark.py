@@ -193,3 +193,27 @@ def test_bad_mode_is_a_usage_error(capsys):
     with pytest.raises(SystemExit):
         benchmark.main(["--mode", "fly"])
     assert "unknown --mode" in capsys.readouterr().err
+
+
+def test_size_flags_override_the_preset():
+    args = benchmark.parse_args(["--d", "64", "--vocab", "17", "--side", "14", "--heads", "2"])
+    config = benchmark.config_from_args(args)
+    assert (config.n_embd, config.vocab_size, config.n_positions, config.n_head) == (64, 17, 196, 2)
+    assert config.n_layer == igpt.ModelConfig.preset("tiny").n_layer
+
+
+def test_micro_batches_that_do_not_divide_the_batch_are_a_usage_error(capsys):
+    with pytest.raises(SystemExit):
+        benchmark.main(["--mode", "train", "--batch", "8", "--micro-batches", "3"])
+    assert "--micro-batches=3 must divide --batch=8" in capsys.readouterr().err
+
+
+def test_micro_batches_give_one_batchs_losses_on_both_sides():
+    from benchmarks import hf as benchmark_hf
+
+    config = igpt.ModelConfig(n_embd=32, n_layer=1, n_head=2, n_positions=16)
+    params = benchmark.benchmark_params(config)
+    for train_case in (benchmark.igpt_train, benchmark_hf.train_case):
+        whole, split = train_case(config, params, 4), train_case(config, params, 4, 2)
+        for _ in range(2):  # the loss before and after one update
+            assert float(split.run()) == pytest.approx(float(whole.run()), rel=1e-5)
