@@ -6,13 +6,17 @@ training loop as a whole against its bare step.
     python -m benchmarks --preset s --batch 2 --mode train --vs-hf --repeats 2
     python -m benchmarks --d 128 --layers 4 --heads 4 --side 16 --mode sample --vs-hf
     python -m benchmarks --d 128 --layers 4 --heads 4 --side 14 --batch 64 --mode loop
+    python -m benchmarks --d 128 --layers 4 --heads 4 --side 14 --batch 64 --vocab 17 \
+        --mode train --vs-hf --micro-batches 4
     python -m benchmarks --mode train,sample --vs-hf --dtype bfloat16
     python -m benchmarks --d 128 --layers 4 --heads 4 --side 14 --batch 64 --mode train --profile
 
-Every measurement reports tokens/s (images/s for tokenize) and, for the model modes, the
-achieved FLOP/s from `igpt.flops.forward_flops` and its fraction of the matmul peak measured in
-this run; sampling also reports the memory-bandwidth limit of this machine (the measured read
-bandwidth over the bytes a decode step must read) and its fraction. It prints one JSON line
+The train mode times the trainer's own step (`igpt.train.step.make_train_step`), in
+`--micro-batches` accumulated micro-batches on both sides. Every measurement reports tokens/s
+(images/s for tokenize) and, for the model modes, the achieved FLOP/s from
+`igpt.flops.forward_flops` and its fraction of the matmul peak measured in this run;
+sampling also reports the memory-bandwidth limit of this machine (the measured read bandwidth
+over the bytes a decode step must read) and its fraction. It prints one JSON line
 per measurement, then a table. `--profile` also splits igpt's forward pass and train step
 into where their time goes (`benchmarks/profile.py`).
 Compile or first-call time is reported apart from the steady state. When both implementations
