@@ -183,7 +183,9 @@ def igpt_tokenize(palette: np.ndarray, images: np.ndarray) -> Case:
     return Case("igpt", lambda: tokenizer.encode(images), len(images))
 
 
-def loop_records(config: ModelConfig, batch: int, steps: int, workdir: str) -> list[dict]:
+def loop_records(
+    config: ModelConfig, batch: int, steps: int, workdir: str, micro_batches: int = 1
+) -> list[dict]:
     """igpt's training loop as `scripts/train.py` runs it (`igpt.train.loop.train`: the data
     pipeline on the embedded digits resized to the model's side, metrics every quarter of the
     run, checkpoints every quarter) against its own compiled step alone, on one batch already
@@ -206,14 +208,22 @@ def loop_records(config: ModelConfig, batch: int, steps: int, workdir: str) -> l
     np.save(palette, rng.uniform(-1, 1, (config.palette_size, 3)).astype(np.float32))
     cfg.data.update(train="digits:train", val="", image_size=config.image_side, palette=palette)
     quarter = max(steps // 4, 1)
-    cfg.update(batch_size=batch, num_steps=4 * quarter, log_every=quarter)
+    cfg.update(batch_size=batch, grad_accum_steps=micro_batches)
+    cfg.update(num_steps=4 * quarter, log_every=quarter)
     cfg.update(checkpoint_every=quarter, keep_checkpoints=1)
     with loop.setup(cfg, os.path.join(workdir, "run")) as run:
         loop.train(run)
         lines = (run.workdir / METRICS_FILE).read_text().splitlines()
         logged = [json.loads(line) for line in lines]
         loop_s = min(quarter * batch * config.n_positions / r["tokens_per_s"] for r in logged[1:])
-        step = make_train_step(run.model_config, run.tx, run.schedule, run.mesh, rules=run.rules)
+        step = make_train_step(
+            run.model_config,
+            run.tx,
+            run.schedule,
+            run.mesh,
+            grad_accum_steps=micro_batches,
+            rules=run.rules,
+        )
         iterator = data_lib.make_train_iterator(
             run.train_source, run.tokenizer, global_batch_size=batch,
             image_size=config.image_side, seed=0,
@@ -312,7 +322,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--micro-batches",
         type=int,
         default=1,
-        help="train: accumulate the gradient over this many micro-batches, both sides",
+        help="train, loop: accumulate the gradient over this many micro-batches (both sides)",
     )
     parser.add_argument(
         "--sample-batch", default="1,4,16", help="comma-separated sample batches (1,4,16)"
@@ -435,14 +445,14 @@ def run(args: argparse.Namespace, emit: Callable[[dict], None]) -> list[dict]:
     for mode, batch, cases in plans:
         if mode == "loop":
             with tempfile.TemporaryDirectory() as workdir:
-                results = loop_records(config, batch, args.loop_steps, workdir)
+                results = loop_records(config, batch, args.loop_steps, workdir, args.micro_batches)
         else:
             results = time_cases(cases, args.repeats)
         if mode == "sample":  # the limit: the best bandwidth of this run up to these calls
             bandwidth = max(bandwidth, round(measure_bandwidth() / 1e9, 1) * 1e9)
         for result in results:
             record = dict(mode=mode, batch=batch, **shape, dtype=args.dtype, **result)
-            if mode == "train":
+            if mode in ("train", "loop"):
                 record["micro_batches"] = args.micro_batches
             if record["flops"] and "flops_per_s" not in record:
                 record["flops_per_s"] = round(record["flops"] / record["best_s"])
@@ -485,13 +495,14 @@ def format_table(records: list[dict]) -> str:
         f"{'mode':9} {'batch':>5} {'impl':18} {'per s':>12} {'GFLOP/s':>8} {'% peak':>7} "
         f"{'best s':>8} {'warm-up s':>9} {'ratio':>6} {'limit/s':>9} {'% limit':>7}",
     ]
-    # A train batch in micro-batches shows as batch/micro-batches (64/4).
+    # A train or loop batch in micro-batches shows as batch/micro-batches (64/4).
     micro = next((r["micro_batches"] for r in records if r.get("micro_batches", 1) > 1), 1)
+    split = ("train", "loop") if micro > 1 else ()
     for r in records[1:]:
         if r["mode"] == "profile":
             lines.append(_profile_line(r))
             continue
-        batch = f"{r['batch']}/{micro}" if r["mode"] == "train" and micro > 1 else r["batch"]
+        batch = f"{r['batch']}/{micro}" if r["mode"] in split else r["batch"]
         if "ratio" in r:
             ratio = f"{r['ratio']:.2f}"
             lines.append(f"{r['mode']:9} {batch:>5} {r['impl']:18} {'':>47} {ratio:>6}")

@@ -104,6 +104,28 @@ def test_loop_mode_times_the_training_loop_against_its_bare_step(capsys):
     assert "loop/step" in table
 
 
+def test_loop_mode_runs_the_loop_and_its_bare_step_in_micro_batches(capsys, monkeypatch):
+    import igpt.train.loop
+    import igpt.train.step
+
+    accumulated = []
+
+    def spy(make):
+        def make_and_record(*args, **kwargs):
+            accumulated.append(kwargs["grad_accum_steps"])
+            return make(*args, **kwargs)
+
+        return make_and_record
+
+    for module in (igpt.train.loop, igpt.train.step):
+        monkeypatch.setattr(module, "make_train_step", spy(module.make_train_step))
+    argv = TINY_ARGS + ["--mode", "loop", "--loop-steps", "8", "--micro-batches", "2"]
+    records, table = _records(capsys, argv)
+    assert accumulated == [2, 2]  # the loop's step, then the bare one
+    assert [r["micro_batches"] for r in records[1:3]] == [2, 2]
+    assert "loop        2/2 igpt loop" in table
+
+
 def test_loop_mode_takes_the_bare_steps_best_quarter(capsys, monkeypatch):
     quarters = iter([3.0, 1.0, 2.0])  # the bare step's three timed quarters, in seconds
     monkeypatch.setattr(benchmark, "measure_bandwidth", lambda: 30e9)
