@@ -122,19 +122,27 @@ def test_the_train_step_loss_is_the_masked_positions_cross_entropy():
     masked = train_masks(np.asarray(state.rng), 0, batch["tokens"].shape, TINY_BERT.mask_prob)
     objective, per_token = _reference_bert_loss(TINY_BERT, params, batch["tokens"], masked)
 
-    def paper_objective(p):  # the same formula in jax, for its gradient
-        out = igpt.ImageGPT(TINY_BERT).apply({"params": p}, batch["tokens"], masked=masked)
-        log_probs = jax.nn.log_softmax(out.logits)
-        nll = -jnp.take_along_axis(log_probs, batch["tokens"][..., None], -1)[..., 0]
-        w = masked.astype(jnp.float32)
-        has = w.sum(1) > 0
-        return ((nll * w).sum(1) / jnp.maximum(w.sum(1), 1) * has).sum() / has.sum()
-
-    value, grads = jax.jit(jax.value_and_grad(paper_objective))(params)
+    value, grads = _paper_objective_and_gradient(TINY_BERT, params, batch["tokens"], masked)
     assert float(value) == pytest.approx(objective, rel=1e-5)
     _, metrics = step(state, global_batch(batch, mesh))
     assert float(metrics["loss"]) == pytest.approx(per_token, rel=1e-5)  # nats per masked token
     assert float(metrics["grad_norm"]) == pytest.approx(float(_global_norm(grads)), rel=1e-4)
+
+
+def _paper_objective_and_gradient(config, params, tokens, masked):
+    """The BERT objective over the whole batch, written out in jax (for its gradient): each
+    example's mean cross-entropy over its masked positions, averaged over the examples with
+    any."""
+
+    def paper_objective(p):
+        out = igpt.ImageGPT(config).apply({"params": p}, tokens, masked=masked)
+        log_probs = jax.nn.log_softmax(out.logits)
+        nll = -jnp.take_along_axis(log_probs, tokens[..., None], -1)[..., 0]
+        w = masked.astype(jnp.float32)
+        has = w.sum(1) > 0
+        return ((nll * w).sum(1) / jnp.maximum(w.sum(1), 1) * has).sum() / has.sum()
+
+    return jax.jit(jax.value_and_grad(paper_objective))(params)
 
 
 def test_each_accumulated_micro_batch_has_its_own_masks():
@@ -148,6 +156,23 @@ def test_each_accumulated_micro_batch_has_its_own_masks():
         nll, tokens = nll + per_token * np.asarray(masked).sum(), tokens + np.asarray(masked).sum()
     _, metrics = step(state, global_batch(batch, mesh))
     assert float(metrics["loss"]) == pytest.approx(nll / tokens, rel=1e-5)
+
+
+def test_accumulated_micro_batches_give_the_whole_batchs_gradient():
+    # At 5% per position, 44% of 16-token examples have no masked position, so the two
+    # micro-batches hold different numbers of the examples the objective averages over (1 and
+    # 4 here): a mean of the micro-batches' own objectives would weigh them differently.
+    config = TINY_BERT.replace(mask_prob=0.05)
+    state, step, mesh = _state_and_step(config, grad_accum_steps=2)
+    batch = _batch(8, config)
+    masked = np.zeros(batch["tokens"].shape, bool)
+    for i in range(2):  # micro-batch i holds every second example from i, with its own masks
+        shape = (4, config.n_positions)
+        masked[i::2] = train_masks(np.asarray(state.rng), 0, shape, 0.05, micro_batch=i)
+    assert [masked[i::2].any(axis=1).sum() for i in range(2)] == [1, 4]
+    _, grads = _paper_objective_and_gradient(config, state.params, batch["tokens"], masked)
+    _, metrics = step(state, global_batch(batch, mesh))
+    assert float(metrics["grad_norm"]) == pytest.approx(float(_global_norm(grads)), rel=1e-4)
 
 
 def _global_norm(tree):

@@ -14,6 +14,7 @@ import igpt
 from igpt.sharding import global_batch, make_mesh
 from igpt.train.config import pretrain_defaults
 from igpt.train.step import (
+    LossWeights,
     create_train_state,
     learning_rate_schedule,
     make_optimizer,
@@ -32,31 +33,53 @@ def _batch(batch_size, config, seed=0):
     }
 
 
-def _run_steps(config, mesh_shape, batches, grad_accum_steps=1, devices=None):
+def _run_steps(config, mesh_shape, batches, grad_accum_steps=1, devices=None, **step_args):
     opt = pretrain_defaults().optimizer
     schedule = learning_rate_schedule(opt, 2, 10)
     tx = make_optimizer(opt, schedule)
     mesh = make_mesh(mesh_shape, devices)
     state = create_train_state(config, tx, mesh, seed=0)
-    step = make_train_step(config, tx, schedule, mesh, grad_accum_steps=grad_accum_steps)
-    losses = []
+    step = make_train_step(
+        config, tx, schedule, mesh, grad_accum_steps=grad_accum_steps, **step_args
+    )
+    losses, grad_norms = [], []
     for b in batches:
         state, metrics = step(state, global_batch(b, mesh))
         losses.append(float(metrics["loss"]))
-    return losses, jax.device_get(state.params)
+        grad_norms.append(float(metrics["grad_norm"]))
+    return losses, jax.device_get(state.params), grad_norms
 
 
 def test_gradient_accumulation_equals_one_big_batch():
     batches = [_batch(8, TINY, seed) for seed in range(3)]
-    losses, params = _run_steps(TINY, (1, 1, 1), batches)
-    losses_acc, params_acc = _run_steps(TINY, (1, 1, 1), batches, grad_accum_steps=4)
+    losses, params, _ = _run_steps(TINY, (1, 1, 1), batches)
+    losses_acc, params_acc, _ = _run_steps(TINY, (1, 1, 1), batches, grad_accum_steps=4)
     np.testing.assert_allclose(losses, losses_acc, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), params, params_acc)
+
+
+def test_accumulation_weighs_every_real_example_alike_when_micro_batches_differ():
+    # Fine-tuning's two losses, with padding examples (mask False) that fall unevenly on the
+    # micro-batches: micro-batch 0 (examples 0, 2, 4, 6) holds two real examples, 1 holds
+    # four. Each micro-batch's loss is over the whole batch's counts, so every real example
+    # weighs the same as in one pass.
+    config = TINY.replace(num_labels=10)
+    batches = [_batch(8, config, seed) for seed in range(3)]
+    for b in batches:
+        b["mask"] = np.array([1, 1, 1, 1, 0, 1, 0, 1], bool)
+    weights = LossWeights(generative=0.5, classification=1.0)
+    losses, params, norms = _run_steps(config, (1, 1, 1), batches, weights=weights)
+    losses_acc, params_acc, norms_acc = _run_steps(
+        config, (1, 1, 1), batches, grad_accum_steps=2, weights=weights
+    )
+    np.testing.assert_allclose(losses, losses_acc, rtol=1e-5)
+    np.testing.assert_allclose(norms, norms_acc, rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), params, params_acc)
 
 
 def test_training_lowers_the_loss_on_a_repeated_batch():
     batch = _batch(8, TINY)
-    losses, _ = _run_steps(TINY, (1, 1, 1), [batch] * 10)
+    losses, _, _ = _run_steps(TINY, (1, 1, 1), [batch] * 10)
     assert losses[-1] < losses[0] - 0.1
 
 
@@ -78,8 +101,8 @@ def sharded_steps_match_one_device(config: str, setup: str = "") -> None:
         {setup}
         config = {config}
         batches = [_batch(8, config, seed) for seed in range(2)]
-        losses8, params8 = _run_steps(config, (2, 2, 2), batches)
-        losses1, params1 = _run_steps(config, (1, 1, 1), batches, devices=jax.devices()[:1])
+        losses8, params8, _ = _run_steps(config, (2, 2, 2), batches)
+        losses1, params1, _ = _run_steps(config, (1, 1, 1), batches, devices=jax.devices()[:1])
         np.testing.assert_allclose(losses8, losses1, rtol=1e-5)
         for a, b in zip(jax.tree.leaves(params8), jax.tree.leaves(params1), strict=True):
             np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)

@@ -135,7 +135,6 @@ def _losses(params, batch, rng, model: ImageGPT, deterministic: bool, masked=Non
     """
     cfg = model.config
     tokens = batch["tokens"]
-    mask = batch["mask"].astype(jnp.float32)
     if cfg.causal:
         inputs = classifier_inputs(tokens) if cfg.num_labels else model_inputs(tokens, cfg.sos_id)
     else:
@@ -151,20 +150,40 @@ def _losses(params, batch, rng, model: ImageGPT, deterministic: bool, masked=Non
     if cfg.causal and cfg.num_labels:
         logits, targets = logits[:, :-1], tokens[:, 1:]
     nll_BxT = token_nll(logits, targets)
-    if cfg.causal:
-        counted = jnp.ones_like(nll_BxT)
-    else:
-        counted = masked.astype(jnp.float32)
-    sums = {
-        "nll": jnp.sum(nll_BxT * counted * mask[:, None]),
-        "tokens": jnp.sum(counted * mask[:, None]),
-        "examples": jnp.sum(mask),
-    }
+    counted = _counted(cfg, batch, masked)
+    sums = _counts(cfg, batch, masked) | {"nll": jnp.sum(nll_BxT * counted)}
     if not cfg.causal:
-        any_masked = jnp.any(masked, axis=1).astype(jnp.float32) * mask
-        sums["example_nll"] = jnp.sum(masked_example_nll(nll_BxT, masked) * any_masked)
-        sums["masked_examples"] = jnp.sum(any_masked)
+        weight = _has_masked(batch, masked)
+        sums["example_nll"] = jnp.sum(masked_example_nll(nll_BxT, masked) * weight)
     return sums, out.class_logits
+
+
+def _counted(cfg: ModelConfig, batch: dict, masked) -> jax.Array:
+    """(B, T') weights of the predicted positions the generative sums count: every one of a
+    real example's ("ar"; T' = T - 1 with a classifier, which reads the tokens themselves),
+    or its masked ones ("bert")."""
+    mask = batch["mask"].astype(jnp.float32)[:, None]
+    if not cfg.causal:
+        return masked.astype(jnp.float32) * mask
+    batch_size, length = batch["tokens"].shape
+    return jnp.broadcast_to(mask, (batch_size, length - 1 if cfg.num_labels else length))
+
+
+def _counts(cfg: ModelConfig, batch: dict, masked) -> dict:
+    """The sums of `_losses` that do not depend on the parameters: the objective's
+    denominators. Gradient accumulation adds them up over the micro-batches first, so that
+    every micro-batch's loss is divided by the whole batch's."""
+    mask = batch["mask"].astype(jnp.float32)
+    counts = {"tokens": jnp.sum(_counted(cfg, batch, masked)), "examples": jnp.sum(mask)}
+    if not cfg.causal:
+        counts["masked_examples"] = jnp.sum(_has_masked(batch, masked))
+    return counts
+
+
+def _has_masked(batch: dict, masked: jax.Array) -> jax.Array:
+    """(B,) 1 for the real examples with any masked position: those the BERT objective
+    averages over."""
+    return jnp.any(masked, axis=1).astype(jnp.float32) * batch["mask"].astype(jnp.float32)
 
 
 def _classifier_sums(log_probs_BxC: jax.Array, batch: dict) -> dict:
@@ -194,14 +213,17 @@ def train_masks(
     return _masks_from(_train_key(state_rng, step, micro_batch), shape, prob)
 
 
-def _objective(sums: dict, weights: LossWeights) -> jax.Array:
+def _objective(sums: dict, counts: dict, weights: LossWeights) -> jax.Array:
+    """The loss of the sums' examples, over the denominators `counts` (their own, or under
+    gradient accumulation the whole batch's, so that the micro-batches' losses add up to the
+    batch's)."""
     if "example_nll" in sums:  # bert: the mean over examples of their masked-position means
-        generative = sums["example_nll"] / jnp.maximum(sums["masked_examples"], 1)
+        generative = sums["example_nll"] / jnp.maximum(counts["masked_examples"], 1)
     else:  # ar: the mean over every predicted token
-        generative = sums["nll"] / jnp.maximum(sums["tokens"], 1)
+        generative = sums["nll"] / jnp.maximum(counts["tokens"], 1)
     loss = weights.generative * generative
     if "clf_nll" in sums:
-        loss += weights.classification * sums["clf_nll"] / jnp.maximum(sums["examples"], 1)
+        loss += weights.classification * sums["clf_nll"] / jnp.maximum(counts["examples"], 1)
     return loss
 
 
@@ -218,8 +240,10 @@ def make_train_step(
     """`train_step(state, batch) -> (state, metrics)`, jitted with the state donated.
 
     `batch` holds global arrays: tokens (B, T) without SOS, label (B,), mask (B,). With
-    `grad_accum_steps` = A, the batch is processed as A micro-batches whose gradients are
-    averaged, each taking every A-th example so all devices work on every micro-batch.
+    `grad_accum_steps` = A, the batch is processed as A micro-batches, each taking every A-th
+    example so all devices work on every micro-batch, whose gradients add up to the whole
+    batch's: each micro-batch's loss is divided by the whole batch's denominators (its
+    predicted tokens, examples, examples with masked positions), not by its own.
     A BERT model's masks come from the state's key: `train_masks(state.rng, step, ...)` for
     each micro-batch, so they are reproducible from the run's seed and differ every step.
     """
@@ -229,21 +253,23 @@ def make_train_step(
         model_config.attn_pdrop or model_config.resid_pdrop or model_config.embd_pdrop
     )
 
-    def micro_sums(params, batch, rng):
-        masked = None
-        if not model_config.causal:
-            masked = _masks_from(rng, batch["tokens"].shape, model_config.mask_prob)
+    def masks(key, shape):
+        return None if model_config.causal else _masks_from(key, shape, model_config.mask_prob)
+
+    def micro_sums(params, batch, rng, masked, counts):
         sums, class_logits = _losses(params, batch, rng, model, deterministic, masked)
         if class_logits is not None:
             sums |= _classifier_sums(jax.nn.log_softmax(class_logits), batch)
-        return _objective(sums, weights), sums
+        return _objective(sums, counts, weights), sums
 
     grad_fn = jax.value_and_grad(micro_sums, has_aux=True)
 
     def step(state: TrainState, batch: dict):
-        rng = _train_key(state.rng, state.step)
         if grad_accum_steps == 1:
-            (_, sums), grads = grad_fn(state.params, batch, rng)
+            rng = _train_key(state.rng, state.step)
+            masked = masks(rng, batch["tokens"].shape)
+            counts = _counts(model_config, batch, masked)
+            (_, sums), grads = grad_fn(state.params, batch, rng, masked, counts)
         else:
             micro = jax.tree.map(
                 lambda x: x.reshape(
@@ -251,20 +277,26 @@ def make_train_step(
                 ).swapaxes(0, 1),
                 batch,
             )
+            keys = jax.vmap(lambda i: _train_key(state.rng, state.step, i))(
+                jnp.arange(grad_accum_steps)
+            )
+            micro_masked = jax.vmap(lambda key, x: masks(key, x.shape))(keys, micro["tokens"])
+            counts = jax.tree.map(
+                lambda c: jnp.sum(c, axis=0),
+                jax.vmap(functools.partial(_counts, model_config))(micro, micro_masked),
+            )
 
             def accumulate(carry, xs):
-                i, one = xs
-                key = _train_key(state.rng, state.step, i)
-                (_, sums), grads = grad_fn(state.params, one, key)
+                key, one, masked = xs
+                (_, sums), grads = grad_fn(state.params, one, key, masked, counts)
                 return jax.tree.map(jnp.add, carry, (sums, grads)), None
 
-            first = jax.tree.map(lambda x: x[0], micro)
-            (_, sums_shape), grads_shape = jax.eval_shape(grad_fn, state.params, first, rng)
-            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (sums_shape, grads_shape))
-            (sums, grads), _ = jax.lax.scan(
-                accumulate, zeros, (jnp.arange(grad_accum_steps), micro)
+            first = jax.tree.map(lambda x: x[0], (keys, micro, micro_masked))
+            (_, sums_shape), grads_shape = jax.eval_shape(
+                grad_fn, state.params, first[1], first[0], first[2], counts
             )
-            grads = jax.tree.map(lambda g: g / grad_accum_steps, grads)
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (sums_shape, grads_shape))
+            (sums, grads), _ = jax.lax.scan(accumulate, zeros, (keys, micro, micro_masked))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
