@@ -291,9 +291,9 @@ def make_train_step(
                 (_, sums), grads = grad_fn(state.params, one, key, masked, counts)
                 return jax.tree.map(jnp.add, carry, (sums, grads)), None
 
-            first = jax.tree.map(lambda x: x[0], (keys, micro, micro_masked))
+            key, one, masked = jax.tree.map(lambda x: x[0], (keys, micro, micro_masked))
             (_, sums_shape), grads_shape = jax.eval_shape(
-                grad_fn, state.params, first[1], first[0], first[2], counts
+                grad_fn, state.params, one, key, masked, counts
             )
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (sums_shape, grads_shape))
             (sums, grads), _ = jax.lax.scan(accumulate, zeros, (keys, micro, micro_masked))
