@@ -526,7 +526,7 @@ inline vf load(const uint16_t* p) {
 // The address to prefetch while row r of a band (of N columns) is read at column n. float32
 // weights: kPrefetch floats (1 KiB) further along the row. bfloat16 weights: the same column of
 // the next band's row r. Alternated in one process over a chain of the S model's 96 products
-// (weights of 153 MB, past the caches), bfloat16 weights streamed 1.17-1.25x as fast so (24-28
+// (weights of 153 MB, past the caches), bfloat16 weights streamed 1.13-1.25x as fast so (24-28
 // GB/s against 20-22), and 1.11x and 1.18-1.21x with 8 and 16 KiB along the row; float32
 // ones 0.91x as fast.
 inline const float* prefetch_target(const float* band, int64_t r, int64_t N, int64_t n) {
