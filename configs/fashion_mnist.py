@@ -57,8 +57,9 @@ def pretrain_config(directory: str, objective: str) -> ml_collections.ConfigDict
     # Four micro-batches of 16 images, their gradients accumulated in the same compiled step:
     # a micro-batch's activations (16 x 196 x 128 floats, 1.6 MB) stay in a core's L2 cache
     # between the step's kernels, where the whole batch's did not. On 2 cores the step ran
-    # 1.13x as fast, the loop with its data pipeline 1.10x. For "ar" the loss and gradient are
-    # the whole batch's up to rounding; "bert" draws each micro-batch's masks from its own key.
+    # 1.13x as fast, the loop with its data pipeline 1.10x. The gradient is the whole batch's
+    # for either objective, up to rounding ("bert" draws each micro-batch's masks from its own
+    # key).
     c.grad_accum_steps = 4
     c.num_steps = 2_000  # 2.4 epochs, 50-55 minutes on 2 CPU cores
     c.optimizer.learning_rate = 3e-3  # the paper's iGPT-S rate
