@@ -74,20 +74,28 @@ def decode(
     values_BxHxSxK: jax.Array,
     start: jax.Array,
     scale: jax.Array | float,
-) -> jax.Array:
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Causal attention of one new token per sequence, in float32, over the first `start`
     positions of a decoding cache (keys (B, H, K, S), values (B, H, S, K), the model's
-    layouts) and itself, from the projection's output (B, 1, 3, H, K); returns (B, 1, H, K).
-    Reads only the filled positions. Not differentiable; call `available(K)` first."""
+    layouts) and itself, from the projection's output (B, 1, 3, H, K). Returns the attention
+    (B, 1, H, K) and the caches with the new token's key and value written at `start` (where
+    `jax.lax.dynamic_update_slice` would write them), in place where the old caches are not
+    used again. Reads only the filled positions. Not differentiable; call `available(K)`
+    first."""
     if cpu_kernels.library() is None:
         raise RuntimeError("igpt's CPU attention kernel is not available; see the warning above")
     b, _, _, h, k = qkv_Bx1x3xHxK.shape
+    f32 = jnp.float32
     call = jax.ffi.ffi_call(
         cpu_kernels.DECODE_ATTENTION,
-        jax.ShapeDtypeStruct((b, 1, h, k), jnp.float32),
+        (
+            jax.ShapeDtypeStruct((b, 1, h, k), f32),
+            jax.ShapeDtypeStruct(keys_BxHxKxS.shape, f32),
+            jax.ShapeDtypeStruct(values_BxHxSxK.shape, f32),
+        ),
         vmap_method="sequential",
+        input_output_aliases={1: 1, 2: 2},
     )
-    f32 = jnp.float32
     return call(
         qkv_Bx1x3xHxK.astype(f32),
         keys_BxHxKxS.astype(f32),

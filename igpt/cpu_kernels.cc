@@ -724,78 +724,125 @@ ffi::Error Matvec(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer 
 
 // Attention of one new token per sequence over a decoding cache: keys (B, H, K, S) and values
 // (B, H, S, K) as the model caches them, of which the first `start` positions are filled, and
-// the new token's own query, key and value from the projection's (B, 1, 3, H, K) output.
+// the new token's own query, key and value from the projection's (B, 1, 3, H, K) output, which
+// it then writes into the cache at `start` (in place: the caches are aliased to the outputs).
 //
 // Why: XLA's decode step reads the whole cache, filled or not, in two batched products per
 // layer (at 10-12 GB/s in the S sampler), with the softmax and its mask between them in
-// separate kernels. Here each (batch row, head) task reads only the filled positions, once.
-void decode_head(const float* qkv, const float* keys, const float* values, int64_t H,
-                 int64_t K, int64_t S, int64_t n, float scale, int64_t b, int64_t h,
-                 float* out) {
+// separate kernels. Here each (batch row, head) task reads only the filled positions, once,
+// with its scores and the values' sum in registers. XLA's update of the cache was two more
+// kernels per layer, whose writes of one key across the keys' rows (K cache lines a head)
+// took 76 us a layer at batch 16; here those lines are the ones the scores just read.
+
+// e[s] = sum_k q[k] row_k[s] for the CV vectors of positions from s0, in registers: the keys'
+// rows (K of them, S floats apart) read once each.
+template <int CV>
+inline void decode_scores(const float* q, const float* kc, int64_t K, int64_t S, int64_t s0,
+                          float* e) {
+  vf acc[CV] = {};
+  for (int64_t k = 0; k < K; ++k) {
+    const vf qk = splat(q[k]);
+    for (int c = 0; c < CV; ++c) acc[c] += qk * load(kc + k * S + s0 + c * W);
+  }
+  for (int c = 0; c < CV; ++c) store(e + s0 + c * W, acc[c]);
+}
+
+// One (batch row b, head h) of DecodeAttention: attention over the first n positions of the
+// cache and the new token, into out; then the new key and value into position `at`.
+template <int NV>
+void decode_head(const float* qkv, float* keys, float* values, int64_t H, int64_t S,
+                 int64_t n, int64_t at, float scale, int64_t b, int64_t h, float* out) {
+  constexpr int64_t K = NV * W;
   const float* q = qkv + b * 3 * H * K + h * K;
   const float* k_new = q + H * K;
   const float* v_new = k_new + H * K;
-  const float* kc = keys + (b * H + h) * K * S;    // K rows of S
-  const float* vc = values + (b * H + h) * S * K;  // S rows of K
-  const int64_t full = n / W * W;
-  float* e = scratch(n + 1);  // the scores, then their exponentials
-  std::memset(e, 0, n * sizeof(float));
-  for (int64_t k = 0; k < K; ++k) {
-    const vf qk = splat(q[k]);
-    const float* row = kc + k * S;
-    for (int64_t s = 0; s < full; s += W) store(e + s, load(e + s) + qk * load(row + s));
-    for (int64_t s = full; s < n; ++s) e[s] += q[k] * row[s];
+  float* kc = keys + (b * H + h) * K * S;    // K rows of S
+  float* vc = values + (b * H + h) * S * K;  // S rows of K
+  // Whole vectors of positions as far as the cache's rows hold them (the scores past n are
+  // not used); the rest one by one.
+  const int64_t full = std::min(round_up(n, W), S / W * W);
+  float* e = scratch(std::max(full, n + 1));  // the scores, then their exponentials
+  int64_t s0 = 0;
+  for (; s0 + 8 * W <= full; s0 += 8 * W) decode_scores<8>(q, kc, K, S, s0, e);
+  for (; s0 + 2 * W <= full; s0 += 2 * W) decode_scores<2>(q, kc, K, S, s0, e);
+  for (; s0 < full; s0 += W) decode_scores<1>(q, kc, K, S, s0, e);
+  for (int64_t s = full; s < n; ++s) {
+    float x = 0.f;
+    for (int64_t k = 0; k < K; ++k) x += q[k] * kc[k * S + s];
+    e[s] = x;
   }
   float own = 0.f;
   for (int64_t k = 0; k < K; ++k) own += q[k] * k_new[k];
-  e[n] = own;
+  e[n] = own;  // past the cache's scores, which `full` may round beyond n
   float top = -INFINITY;
   for (int64_t s = 0; s <= n; ++s) top = std::max(top, e[s] *= scale);
   float total = 0.f;
   vf totals = splat(0.f);
-  for (int64_t s = 0; s < full; s += W) {
+  const int64_t whole = n / W * W;
+  for (int64_t s = 0; s < whole; s += W) {
     const vf x = vexp(load(e + s) - top);
     store(e + s, x);
     totals += x;
   }
-  for (int64_t s = full; s <= n; ++s) total += e[s] = std::exp(e[s] - top);
+  for (int64_t s = whole; s <= n; ++s) total += e[s] = std::exp(e[s] - top);
   total += hsum(totals);
-  float acc[kMaxWidth];  // the values' weighted sum, row by row of the cache
-  for (int64_t j = 0; j < K; j += W) store(acc + j, splat(e[n]) * load(v_new + j));
-  for (int64_t s = 0; s < n; ++s) {
-    const vf p = splat(e[s]);
-    for (int64_t j = 0; j < K; j += W) store(acc + j, load(acc + j) + p * load(vc + s * K + j));
+  // The values' weighted sum in registers: two sets of accumulators, for even and odd
+  // positions, so that consecutive products do not wait on each other.
+  vf acc[2][NV];
+  for (int j = 0; j < NV; ++j) {
+    acc[0][j] = splat(e[n]) * load(v_new + j * W);
+    acc[1][j] = splat(0.f);
   }
+  int64_t s = 0;
+  for (; s + 2 <= n; s += 2)
+    for (int i = 0; i < 2; ++i) {
+      const vf p = splat(e[s + i]);
+      for (int j = 0; j < NV; ++j) acc[i][j] += p * load(vc + (s + i) * K + j * W);
+    }
+  if (s < n)
+    for (int j = 0; j < NV; ++j) acc[0][j] += splat(e[s]) * load(vc + s * K + j * W);
   float* o = out + (b * H + h) * K;
-  for (int64_t j = 0; j < K; j += W) store(o + j, load(acc + j) * (1.f / total));
+  for (int j = 0; j < NV; ++j) store(o + j * W, (acc[0][j] + acc[1][j]) * (1.f / total));
+  for (int64_t k = 0; k < K; ++k) kc[k * S + at] = k_new[k];
+  std::memcpy(vc + at * K, v_new, K * sizeof(float));
 }
 
 ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
                            ffi::Buffer<ffi::F32> keys, ffi::Buffer<ffi::F32> values,
                            ffi::Buffer<ffi::S32> start, ffi::Buffer<ffi::F32> scale,
-                           ffi::ResultBuffer<ffi::F32> out) {
+                           ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> new_keys,
+                           ffi::ResultBuffer<ffi::F32> new_values) {
   const auto d = qkv.dimensions(), kd = keys.dimensions(), vd = values.dimensions();
   if (d.size() != 5 || d[1] != 1 || d[2] != 3 || kd.size() != 4 || vd.size() != 4 ||
       kd[0] != d[0] || kd[1] != d[3] || kd[2] != d[4] || vd[0] != d[0] || vd[1] != d[3] ||
-      vd[2] != kd[3] || vd[3] != d[4] || d[4] % W != 0 || d[4] > kMaxWidth)
+      vd[2] != kd[3] || vd[3] != d[4] || kd[3] < 1 || d[4] % W != 0 || d[4] > kMaxWidth)
     return ffi::Error::InvalidArgument(
         "igpt decode attention: qkv must be (B, 1, 3, H, K), keys (B, H, K, S) and values "
-        "(B, H, S, K), with K a multiple of " + std::to_string(W) + " up to " +
+        "(B, H, S, K), with S >= 1 and K a multiple of " + std::to_string(W) + " up to " +
         std::to_string(kMaxWidth));
+  if (new_keys->typed_data() != keys.typed_data() ||
+      new_values->typed_data() != values.typed_data())
+    return ffi::Error::InvalidArgument(
+        "igpt decode attention: the new caches must alias the old ones (input_output_aliases)");
   const int64_t B = d[0], H = d[3], K = d[4], S = kd[3];
-  const int64_t n = std::clamp<int64_t>(start.typed_data()[0], 0, S);
+  const int64_t first = start.typed_data()[0];
+  const int64_t n = std::clamp<int64_t>(first, 0, S);
+  // Where the new token goes: where dynamic_update_slice would put it, in the cache.
+  const int64_t at = std::clamp<int64_t>(first, 0, S - 1);
   const float s = scale.typed_data()[0];
-  auto head = [&](int64_t i, int64_t) {
-    decode_head(qkv.typed_data(), keys.typed_data(), values.typed_data(), H, K, S, n, s, i / H,
-                i % H, out->typed_data());
-  };
-  // A cache that small is read faster than another thread wakes.
-  if (2 * B * H * n * K * sizeof(float) < kMinParallelBytes) {
-    for (int64_t i = 0; i < B * H; ++i) head(i, 0);
-  } else {
-    decode_threads(pool)->Run(B * H, head);
-  }
-  return ffi::Error::Success();
+  return with_width(K, [&](auto nv) {
+    auto head = [&](int64_t i, int64_t) {
+      decode_head<decltype(nv)::value>(qkv.typed_data(), new_keys->typed_data(),
+                                       new_values->typed_data(), H, S, n, at, s, i / H, i % H,
+                                       out->typed_data());
+    };
+    // A cache that small is read faster than another thread wakes.
+    if (2 * B * H * n * K * sizeof(float) < kMinParallelBytes) {
+      for (int64_t i = 0; i < B * H; ++i) head(i, 0);
+    } else {
+      decode_threads(pool)->Run(B * H, head);
+    }
+  });
 }
 
 }  // namespace
@@ -842,4 +889,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(IgptDecodeAttention, DecodeAttention,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // values
                                   .Arg<ffi::Buffer<ffi::S32>>()  // start
                                   .Arg<ffi::Buffer<ffi::F32>>()  // scale
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // out
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // out
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // keys, aliased
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // values, aliased

@@ -260,17 +260,18 @@ class Attention(nn.Module):
         key = self.variable("cache", "key")
         value = self.variable("cache", "value")
         old_k_BxHxKxS, old_v_BxHxSxK = key.value, value.value
+        t, s = q_BxTxHxK.shape[1], old_k_BxHxKxS.shape[-1]
+        if t == 1 and old_k_BxHxKxS.dtype == jnp.float32 and self._use_decode_kernel():
+            out_Bx1xHxK, key.value, value.value = attention_kernel.decode(
+                qkv_BxTx3xHxK, old_k_BxHxKxS, old_v_BxHxSxK, start, scale
+            )
+            return out_Bx1xHxK
         dtype = self.config.compute_dtype
         new_k_BxHxKxT = _keys_layout(k_BxTxHxK).astype(old_k_BxHxKxS.dtype)
         new_v_BxHxTxK = _values_layout(v_BxTxHxK).astype(old_v_BxHxSxK.dtype)
         key.value = jax.lax.dynamic_update_slice(old_k_BxHxKxS, new_k_BxHxKxT, (0, 0, 0, start))
         value.value = jax.lax.dynamic_update_slice(old_v_BxHxSxK, new_v_BxHxTxK, (0, 0, start, 0))
 
-        t, s = q_BxTxHxK.shape[1], old_k_BxHxKxS.shape[-1]
-        if t == 1 and old_k_BxHxKxS.dtype == jnp.float32 and self._use_decode_kernel():
-            return attention_kernel.decode(
-                qkv_BxTx3xHxK, old_k_BxHxKxS, old_v_BxHxSxK, start, scale
-            )
         old_scores = precision.einsum("bthk,bhks->bhts", q_BxTxHxK, old_k_BxHxKxS, dtype)
         new_scores = precision.einsum("bthk,bhku->bhtu", q_BxTxHxK, new_k_BxHxKxT, dtype)
         allowed_TxS = jnp.concatenate(

@@ -154,9 +154,11 @@ def _compiled_sampler(
         _, tokens_BxN, _ = jax.lax.fori_loop(prompt_len + 1, length, body, state)
         return tokens_BxN
 
-    # XLA:CPU's default copy insertion copies every loop-carried cache buffer once per step
-    # (it cannot tell that the matmuls read a buffer before its in-place update); the region
-    # analysis can. The option names a CPU field, so it is only given to the CPU compiler.
+    # Where XLA's attention decodes (the decode attention kernel updates its caches in place
+    # itself), XLA:CPU's default copy insertion copies every loop-carried cache buffer once
+    # per step (it cannot tell that the products read a buffer before its in-place update);
+    # the region analysis can. The option names a CPU field, so it is only given to the CPU
+    # compiler.
     options = {"xla_cpu_copy_insertion_use_region_analysis": True}
     return jax.jit(run, compiler_options=options if jax.default_backend() == "cpu" else None)
 

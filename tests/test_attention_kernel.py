@@ -200,9 +200,9 @@ def test_decode_attention_equals_plain_attention_over_the_filled_cache(b, h, k, 
     qkv = rng.normal(size=(b, 1, 3, h, k)).astype(np.float32)
     keys = rng.normal(size=(b, h, k, s)).astype(np.float32)
     values = rng.normal(size=(b, h, s, k)).astype(np.float32)
-    keys[..., start:] = values[:, :, start:] = 1e6  # unfilled: must not be read
+    keys[..., start:] = values[:, :, start:] = 1e6  # unfilled: must not count
     scale = np.float32(0.2)
-    got = jax.jit(attention_kernel.decode)(qkv, keys, values, start, scale)
+    got, new_keys, new_values = jax.jit(attention_kernel.decode)(qkv, keys, values, start, scale)
 
     # The same attention over the filled positions and the token itself, as a sequence:
     # the last query of plain causal attention.
@@ -212,3 +212,9 @@ def test_decode_attention_equals_plain_attention_over_the_filled_cache(b, h, k, 
     seq[:, start] = qkv[:, 0]
     expected = _plain_attention(seq, scale, causal=True)[:, -1:]
     np.testing.assert_allclose(got, expected, atol=2e-5, rtol=0)
+    # The new token's key and value are written where the model's dynamic_update_slice
+    # would write them (at a full cache, its last position), the rest unchanged.
+    k_new, v_new = np.moveaxis(qkv[:, :, 1], 1, -1), np.moveaxis(qkv[:, :, 2], 1, 2)
+    update = jax.lax.dynamic_update_slice
+    np.testing.assert_array_equal(new_keys, update(keys, k_new, (0, 0, 0, start)))
+    np.testing.assert_array_equal(new_values, update(values, v_new, (0, 0, start, 0)))

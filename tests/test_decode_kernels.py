@@ -1,12 +1,13 @@
 """igpt's decoding kernels on CPUs (igpt/cpu_kernels.cc): the matrix-vector kernel, which dense
 products of a few rows take, against float64 products, a dense layer's values and gradients
 with it, concurrent calls; and a wide model's cached decoding, with it and the decode attention
-kernel, against its full forward pass. The decode attention kernel's own values are tested in
-test_attention_kernel.py."""
+kernel, against its full forward pass, and the sampler's loop updating its caches in place.
+The decode attention kernel's own values are tested in test_attention_kernel.py."""
 
 from __future__ import annotations
 
 import concurrent.futures
+import re
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +16,8 @@ import pytest
 from reference_models import random_igpt_params
 
 import igpt
-from igpt import cpu_kernels, precision
+from benchmarks.profile import parse_hlo
+from igpt import cpu_kernels, precision, sampling
 from igpt.model import decode_step, init_cache, split_layers
 
 
@@ -133,3 +135,41 @@ def test_concurrent_calls_each_get_their_own_product():
 
     with concurrent.futures.ThreadPoolExecutor(len(xs)) as pool:
         list(pool.map(check, range(len(xs))))
+
+
+@pytest.mark.parametrize("attention", ["auto", "xla"])
+def test_the_samplers_loop_updates_every_cache_in_place(attention):
+    # The caches are updated in place, by the decode attention kernel (into its aliased
+    # buffers) or by XLA's dynamic_update_slice: a copy per layer and step would read and
+    # write the whole cache for one position (at S, batch 16, 256 tokens, 16 MB a layer).
+    # XLA:CPU's default copy insertion made such copies around its own attention's products.
+    config = WIDE.replace(attention=attention)
+    batch, caches = 2, init_cache(config, 2)["h"]
+    program = sampling._compiled_sampler(config, batch, 0, config.n_positions, False, None, False)
+    params = igpt.init_params(config, jax.random.key(0))
+    prompt = jnp.zeros((batch, 0), jnp.int32)
+    text = program.lower(params, jax.random.key(0), prompt, 1.0, 1.0).compile().as_text()
+    instructions, computations = parse_hlo(text)
+
+    def inside(loop):  # the instructions of a while loop's body and what it calls
+        todo, reached = [re.search(r"body=%([\w.\-]+)", loop.attributes).group(1)], set()
+        while todo:
+            name = todo.pop()
+            if name not in reached:
+                reached.add(name)
+                todo += [c for i in computations[name] for c in instructions[i].called]
+        return [instructions[i] for name in reached for i in computations[name]]
+
+    def attends(inst):
+        return "igpt_decode_attention" in inst.attributes
+
+    def updates(inst):
+        return attends(inst) or "dynamic-update-slice" in inst.opcode + inst.attributes
+
+    loops = [inside(i) for i in instructions.values() if i.opcode == "while"]
+    (looped,) = [body for body in loops if any(updates(i) for i in body)]  # the token loop
+    kernel_calls = sum(attends(i) for i in looped)
+    assert kernel_calls == (config.n_layer if attention == "auto" else 0)
+    cache_dims = {c.shape[1:] for c in jax.tree.leaves(caches)}  # a layer's
+    copies = [i for i in looped if i.opcode == "copy" and i.dims in cache_dims]
+    assert not copies, f"the loop copies {len(copies)} caches per step"
