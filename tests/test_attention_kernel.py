@@ -182,8 +182,9 @@ def test_a_sharded_step_with_the_kernel_matches_one_device():
     sharded_steps_match_one_device("CONFIG", setup)
 
 
-# Filled positions below one vector, past whole vectors, none, all; the last case reads
-# enough of the cache to run on several threads.
+# Filled positions below one vector, past whole vectors, none, all; the last two cases read
+# enough of the cache to run on several threads: the matvec kernel's (up to 4 sequences) and
+# XLA's pool's.
 @pytest.mark.parametrize(
     "b, h, k, s, start",
     [
@@ -192,6 +193,7 @@ def test_a_sharded_step_with_the_kernel_matches_one_device():
         (2, 1, 64, 40, 0),
         (1, 3, 16, 40, 40),
         (2, 8, 64, 600, 530),
+        (5, 2, 64, 300, 261),
     ],
 )
 def test_decode_attention_equals_plain_attention_over_the_filled_cache(b, h, k, s, start):
