@@ -62,7 +62,7 @@ def pretrain_config(directory: str, objective: str) -> ml_collections.ConfigDict
     # for either objective, up to rounding ("bert" draws each micro-batch's masks from its own
     # key).
     c.grad_accum_steps = 4
-    c.num_steps = 2_000  # 2.4 epochs, 22-23 minutes on 2 CPU cores
+    c.num_steps = 2_000  # 2.4 epochs, about 23 minutes on 2 CPU cores
     c.optimizer.learning_rate = 3e-3  # the paper's iGPT-S rate
     c.optimizer.warmup_epochs = 0.25
     c.log_every = 100
