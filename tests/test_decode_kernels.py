@@ -21,7 +21,7 @@ from igpt import cpu_kernels, precision, sampling
 from igpt.model import decode_step, init_cache, split_layers
 
 
-# Rows 1-4; K past whole bands of 8 rows and tasks of 64 (so that both threads add sums), or
+# Rows 1-4; K past whole bands of 8 rows and tasks of 128 (so that both threads add sums), or
 # below one band; N past whole vectors of 16 (and of 8), or below one. Weights in float32 or
 # bfloat16 (read as they are, and widened in the kernel).
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
