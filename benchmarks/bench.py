@@ -16,7 +16,9 @@ The train mode times the trainer's own step (`igpt.train.step.make_train_step`),
 (images/s for tokenize) and, for the model modes, the achieved FLOP/s from
 `igpt.flops.forward_flops` and its fraction of the matmul peak measured in this run;
 sampling also reports the memory-bandwidth limit of this machine (the measured read bandwidth
-over the bytes a decode step must read) and its fraction. It prints one JSON line
+over the bytes a decode step must read) and its fraction: against the best bandwidth of the
+run, and ("% adj.") each call against the bandwidth read just before its round of calls, as a
+median. It prints one JSON line
 per measurement, then a table. `--profile` also splits igpt's forward pass and train step
 into where their time goes (`benchmarks/profile.py`).
 Compile or first-call time is reported apart from the steady state. When both implementations
@@ -250,13 +252,18 @@ def loop_records(
 # Running and reporting
 
 
-def time_cases(cases: list[Case], repeats: int) -> list[dict]:
+def time_cases(
+    cases: list[Case], repeats: int, before_round: Callable[[], None] | None = None
+) -> list[dict]:
     """Warm each case up once (timed apart), then time `repeats` calls of each, alternating
-    between cases. The steady-state figure is the fastest call: on a shared machine the others
-    include time taken by other processes (the median is recorded too)."""
+    between cases; `before_round`, if given, runs before each round of calls. The steady-state
+    figure is the fastest call: on a shared machine the others include time taken by other
+    processes (the median, and every call's time in `times_s`, are recorded too)."""
     warmup = [_timed(case.run) for case in cases]
     times = [[] for _ in cases]
     for _ in range(repeats):
+        if before_round is not None:
+            before_round()
         for case, record in zip(cases, times, strict=True):
             record.append(_timed(case.run))
     results = []
@@ -268,6 +275,7 @@ def time_cases(cases: list[Case], repeats: int) -> list[dict]:
                 warmup_s=_sig(first),
                 best_s=_sig(best),
                 median_s=_sig(statistics.median(record)),
+                times_s=[_sig(t) for t in record],
                 per_s=_sig(case.work / best),
                 flops=case.flops or None,
                 flops_per_s=round(case.flops / best) if case.flops else None,
@@ -446,10 +454,20 @@ def run(args: argparse.Namespace, emit: Callable[[dict], None]) -> list[dict]:
         if mode == "loop":
             with tempfile.TemporaryDirectory() as workdir:
                 results = loop_records(config, batch, args.loop_steps, workdir, args.micro_batches)
+        elif mode == "sample":
+            # The read bandwidth just before each round of calls, for a limit measured in the
+            # same conditions as the calls after it.
+            readings = []
+
+            def read_bandwidth(into=readings):
+                into.append(measure_bandwidth())
+
+            results = time_cases(cases, args.repeats, read_bandwidth)
+            # The limit: the best bandwidth of this run up to these calls.
+            readings.append(measure_bandwidth())
+            bandwidth = max(bandwidth, round(max(readings) / 1e9, 1) * 1e9)
         else:
             results = time_cases(cases, args.repeats)
-        if mode == "sample":  # the limit: the best bandwidth of this run up to these calls
-            bandwidth = max(bandwidth, round(measure_bandwidth() / 1e9, 1) * 1e9)
         for result in results:
             record = dict(mode=mode, batch=batch, **shape, dtype=args.dtype, **result)
             if mode in ("train", "loop"):
@@ -463,6 +481,16 @@ def run(args: argparse.Namespace, emit: Callable[[dict], None]) -> list[dict]:
                 record["bytes_per_step"] = round(step_bytes)
                 record["limit_per_s"] = _sig(batch * bandwidth / step_bytes)
                 record["fraction_of_limit"] = round(record["per_s"] / record["limit_per_s"], 3)
+                # Each call against the bandwidth read just before its round: on these shared
+                # machines the best reading of a run can come from a minute in which the
+                # memory was far less busy than during any call.
+                record["fraction_of_adjacent_limit"] = round(
+                    statistics.median(
+                        tokens * step_bytes / t / reading
+                        for t, reading in zip(record["times_s"], readings[:-1], strict=True)
+                    ),
+                    3,
+                )
             if record["flops_per_s"]:
                 record["fraction_of_peak"] = round(record["flops_per_s"] / peak, 3)
             records.append(record)
@@ -493,7 +521,7 @@ def format_table(records: list[dict]) -> str:
         f"{machine['read_bandwidth_gbs']}"
         f" GB/s, load average {machine['loadavg_1min']}",
         f"{'mode':9} {'batch':>5} {'impl':18} {'per s':>12} {'GFLOP/s':>8} {'% peak':>7} "
-        f"{'best s':>8} {'warm-up s':>9} {'ratio':>6} {'limit/s':>9} {'% limit':>7}",
+        f"{'best s':>8} {'warm-up s':>9} {'ratio':>6} {'limit/s':>9} {'% limit':>7} {'% adj.':>7}",
     ]
     # A train or loop batch in micro-batches shows as batch/micro-batches (64/4).
     micro = next((r["micro_batches"] for r in records if r.get("micro_batches", 1) > 1), 1)
@@ -513,7 +541,10 @@ def format_table(records: list[dict]) -> str:
         warmup = f"{r['warmup_s']:>9.2f}" if "warmup_s" in r else f"{'-':>9}"
         limit = ""
         if "limit_per_s" in r:
-            limit = f" {'':>6} {r['limit_per_s']:>9.1f} {100 * r['fraction_of_limit']:>7.1f}"
+            limit = (
+                f" {'':>6} {r['limit_per_s']:>9.1f} {100 * r['fraction_of_limit']:>7.1f}"
+                f" {100 * r['fraction_of_adjacent_limit']:>7.1f}"
+            )
         lines.append(
             f"{r['mode']:9} {batch:>5} {r['impl']:18} {r['per_s']:>8.1f} {unit}"
             f" {gflops:>8} {peak:>7} {r['best_s']:>8.3f} {warmup}{limit}"

@@ -80,16 +80,25 @@ def test_harness_reports_every_mode(capsys, tmp_path, vs_hf):
 
 
 def test_the_sampling_limit_takes_the_best_bandwidth_so_far(capsys, monkeypatch):
-    # Measured at the start (20 GB/s), then after each batch's calls (35, then 25).
-    readings = iter([20e9, 35e9, 25e9])
+    # Measured at the start (20 GB/s), then for each batch before its one round of calls and
+    # after them: 30 and 35 for batch 1, 25 and 28 for batch 3. Every call takes 0.1 ms, which
+    # puts the fractions of the limit near 1 at these sizes.
+    readings = iter([20e9, 30e9, 35e9, 25e9, 28e9])
     monkeypatch.setattr(benchmark, "measure_bandwidth", lambda: next(readings))
-    records, _ = _records(capsys, TINY_ARGS + ["--mode", "sample"])
+    monkeypatch.setattr(benchmark, "_timed", lambda fn: (fn(), 1e-4)[1])
+    records, table = _records(capsys, TINY_ARGS + ["--mode", "sample"])
     samples = [r for r in records if r["mode"] == "sample"]
     assert records[0]["read_bandwidth_gbs"] == 20
     assert [r["read_bandwidth_gbs"] for r in samples] == [35, 35]
-    for r in samples:
+    for r, before in zip(samples, [30e9, 25e9], strict=True):
         limit = r["batch"] * 35e9 / r["bytes_per_step"]
         assert r["limit_per_s"] == pytest.approx(limit, 1e-4)
+        assert r["per_s"] == pytest.approx(r["batch"] * r["tokens"] / 1e-4)
+        assert 0.3 < r["fraction_of_limit"] < 3
+        # The adjacent fraction: the same call against the reading before its round.
+        adjacent = r["fraction_of_limit"] * 35e9 / before
+        assert r["fraction_of_adjacent_limit"] == pytest.approx(adjacent, rel=3e-3)
+        assert f"{100 * r['fraction_of_adjacent_limit']:>7.1f}" in table
 
 
 def test_loop_mode_times_the_training_loop_against_its_bare_step(capsys):
