@@ -533,8 +533,9 @@ inline vf load(const uint16_t* p) {
 // (float32 weights: 1 KiB further along the row; bfloat16: the next band; both into L1, in
 // tasks of 64 rows): float32 1.25x as fast at one row (medians 20 -> 25 GB/s, where a plain
 // sum read 27.5), 1.42x at four rows; bfloat16 1.32x and 1.47x. Into L1 instead the next band
-// ran 0.84x as fast as into L2, two bands ahead 0.93x. (On an Intel Xeon, the next band into L1 had run bfloat16
-// 1.13-1.25x as fast as 1 KiB along the row, float32 0.91x; L2 was not measured there.)
+// ran 0.84x as fast as into L2, two bands ahead 0.93x. (On an Intel Xeon, the next band into
+// L1 had run bfloat16 1.13-1.25x as fast as 1 KiB along the row, float32 0.91x; L2 was not
+// measured there.)
 template <typename T>
 inline const void* prefetch_target(const T* band, int64_t r, int64_t N, int64_t n) {
   return reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(band + r * N + n) +
