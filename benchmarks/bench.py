@@ -56,6 +56,7 @@ from igpt.train.step import (
     learning_rate_schedule,
     make_optimizer,
     make_train_step,
+    state_shardings,
 )
 
 LEARNING_RATE = 1e-4
@@ -149,7 +150,12 @@ def igpt_train(config: ModelConfig, params: dict, batch: int, micro_batches: int
     step = make_train_step(config, tx, schedule, mesh, grad_accum_steps=micro_batches)
     own = jax.tree.map(jnp.copy, params)  # donated buffers must not be the caller's
     key = jax.random.key_data(jax.random.key(0))
-    state = [TrainState(jnp.zeros((), jnp.int32), own, tx.init(own), key)]
+    # Placed in the step's own output shardings, as the trainer's state is: a state on the
+    # default device would be a different input, and the second call would compile again.
+    shardings = state_shardings(config, tx, mesh)
+    state = [
+        jax.device_put(TrainState(jnp.zeros((), jnp.int32), own, tx.init(own), key), shardings)
+    ]
     tokens = np.random.default_rng(0).integers(0, config.palette_size, (batch, config.n_positions))
     labels = np.zeros(batch, np.int32)
     data = global_batch(

@@ -1,7 +1,9 @@
 """The benchmark harness at tiny sizes: its records, its FLOP count, its transformers twin."""
 
 import json
+import logging
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -248,3 +250,15 @@ def test_micro_batches_give_one_batchs_losses_on_both_sides():
         whole, split = train_case(config, params, 4), train_case(config, params, 4, 2)
         for _ in range(2):  # the loss before and after one update
             assert float(split.run()) == pytest.approx(float(whole.run()), rel=1e-5)
+
+
+def test_the_train_case_compiles_its_step_once(caplog):
+    # The state must start in the step's output shardings, as the trainer's does: a state on
+    # the default device made the second call compile again, and that compile and the heap
+    # it left behind counted as a timed call (the S step's first timed calls took 1.5x).
+    config = igpt.ModelConfig(n_embd=32, n_layer=1, n_head=2, n_positions=16)
+    case = benchmark.igpt_train(config, benchmark.benchmark_params(config), 4)
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            case.run()
+    assert sum("Compiling jit(step)" in r.getMessage() for r in caplog.records) == 1
