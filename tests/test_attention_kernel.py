@@ -35,8 +35,9 @@ def _qkv(b, t, h, k, seed=0):
     return np.random.default_rng(seed).normal(size=(b, t, 3, h, k)).astype(np.float32) * 1.5
 
 
-# Lengths that are not whole vectors or whole blocks of 32 queries; widths of 1, 2 and 4
-# vectors of 16 floats (AVX-512), or 2, 4 and 8 of 8 (AVX2).
+# Lengths that are not whole vectors or whole blocks of 32 queries; widths of 1, 2, 3, 4 and 8
+# vectors of 16 floats (AVX-512), or 2, 4, 6, 8 and 16 of 8 (AVX2): the kernel's products take
+# an even number of vectors two at a time, an odd one whole.
 @pytest.mark.parametrize(
     "b, t, h, k, causal",
     [
@@ -45,6 +46,7 @@ def _qkv(b, t, h, k, seed=0):
         (2, 33, 2, 64, False),
         (1, 64, 1, 32, False),
         (1, 20, 2, 128, True),
+        (1, 45, 2, 48, True),
     ],
 )
 def test_kernel_values_and_gradients_equal_plain_attention(b, t, h, k, causal):
