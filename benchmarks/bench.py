@@ -18,9 +18,8 @@ The train mode times the trainer's own step (`igpt.train.step.make_train_step`),
 sampling also reports the memory-bandwidth limit of this machine (the measured read bandwidth
 over the bytes a decode step must read) and its fraction: against the best bandwidth of the
 run, and ("% adj.") each call against the bandwidth read just before its round of calls, as a
-median. It prints one JSON line
-per measurement, then a table. `--profile` also splits igpt's forward pass and train step
-into where their time goes (`benchmarks/profile.py`).
+median. It prints one JSON line per measurement, then a table. `--profile` also splits igpt's
+forward pass and train step into where their time goes (`benchmarks/profile.py`).
 Compile or first-call time is reported apart from the steady state. When both implementations
 run, their timed calls alternate, so a change in machine load hits both alike.
 """
